@@ -1,0 +1,4 @@
+from .backbones import EfficientViT
+from .necks import EfficientViTFPN
+
+__all__ = ['EfficientViT', 'EfficientViTFPN']

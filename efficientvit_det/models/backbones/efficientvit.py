@@ -1,0 +1,457 @@
+"""EfficientViT (MSRA, CVPR 2023) backbone for detection.
+
+Module names follow timm's ``efficientvit_msra`` so timm checkpoints load as they are;
+MSRA (original) checkpoints are remapped by :func:`checkpoint_filter_fn`.
+
+Semantics follow the original detection code: every stage uses 7x7 windows, feature
+maps are always zero-padded bottom/right to a multiple of the window (padded tokens
+are not masked), windows are attended independently and the result is cropped.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmengine.logging import MMLogger
+from mmengine.model import BaseModule
+from torch import Tensor, nn
+
+from efficientvit_det.registry import MODELS
+
+# Arch presets (REFERENCE.md section 1). ``kernels`` lists one q-dwconv kernel per head
+# slot; a stage with h heads uses the first h.
+ARCH_SETTINGS: Dict[str, dict] = {
+    'm0': dict(embed_dims=(64, 128, 192), depths=(1, 2, 3), num_heads=(4, 4, 4), kernels=(5, 5, 5, 5)),
+    'm1': dict(embed_dims=(128, 144, 192), depths=(1, 2, 3), num_heads=(2, 3, 3), kernels=(7, 5, 3, 3)),
+    'm2': dict(embed_dims=(128, 192, 224), depths=(1, 2, 3), num_heads=(4, 3, 2), kernels=(7, 5, 3, 3)),
+    'm3': dict(embed_dims=(128, 240, 320), depths=(1, 2, 3), num_heads=(4, 3, 4), kernels=(5, 5, 5, 5)),
+    'm4': dict(embed_dims=(128, 256, 384), depths=(1, 2, 3), num_heads=(4, 4, 4), kernels=(7, 5, 3, 3)),
+    'm5': dict(embed_dims=(192, 288, 384), depths=(1, 3, 4), num_heads=(3, 3, 4), kernels=(7, 5, 3, 3)),
+}
+ARCH_FIELDS = ('embed_dims', 'depths', 'num_heads', 'kernels')
+
+# Feature levels that ``out_indices`` selects from.
+LEVELS = ('stem_s4', 'stem_s8', 'stage1', 'stage2', 'stage3')
+LEVEL_STRIDES = (4, 8, 16, 32, 64)
+ATTN_IMPLS = ('auto', 'fused', 'reference')
+
+
+class ConvNorm(nn.Sequential):
+    """Conv2d (no bias) + BatchNorm2d; ``fold()`` gives the equivalent conv weight/bias."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1,
+                 padding: int = 0, groups: int = 1, bn_weight_init: float = 1.):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(out_chs)
+        nn.init.constant_(self.bn.weight, bn_weight_init)
+        nn.init.zeros_(self.bn.bias)
+
+    def fold(self) -> Tuple[Tensor, Tensor]:
+        """Differentiable BN folding (valid while the BN uses running statistics)."""
+        bn = self.bn
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        weight = self.conv.weight * scale[:, None, None, None]
+        bias = bn.bias - bn.running_mean * scale
+        return weight, bias
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Conv2d:
+        weight, bias = self.fold()
+        c = self.conv
+        fused = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding,
+                          groups=c.groups, bias=True, device=weight.device, dtype=weight.dtype)
+        fused.weight.copy_(weight)
+        fused.bias.copy_(bias)
+        return fused
+
+
+def conv_weight_bias(module: nn.Module) -> Tuple[Tensor, Tensor]:
+    """Weight and bias of a ConvNorm (folded) or of an already fused Conv2d."""
+    if isinstance(module, ConvNorm):
+        return module.fold()
+    return module.weight, module.bias
+
+
+class Residual(nn.Module):
+    def __init__(self, m: nn.Module):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.m(x)
+
+
+class ConvMlp(nn.Module):
+    """The FFN: 1x1 expand, ReLU, 1x1 back (its BN starts at zero)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.pw1 = ConvNorm(dim, hidden_dim)
+        self.act = nn.ReLU()
+        self.pw2 = ConvNorm(hidden_dim, dim, bn_weight_init=0.)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pw2(self.act(self.pw1(x)))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels: int, rd_ratio: float = 0.25):
+        super().__init__()
+        rd_channels = max(8, int(channels * rd_ratio + 4) // 8 * 8)
+        self.fc1 = nn.Conv2d(channels, rd_channels, 1)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Conv2d(rd_channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
+        return x * s.sigmoid()
+
+
+class PatchMerging(nn.Module):
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        hid_dim = dim * 4
+        self.conv1 = ConvNorm(dim, hid_dim)
+        self.act1 = nn.ReLU()
+        self.conv2 = ConvNorm(hid_dim, hid_dim, 3, 2, 1, groups=hid_dim)
+        self.act2 = nn.ReLU()
+        self.se = SqueezeExcite(hid_dim, .25)
+        self.conv3 = ConvNorm(hid_dim, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv3(self.se(self.act2(self.conv2(self.act1(self.conv1(x))))))
+
+
+def dw_residual(dim: int, bn_weight_init: float = 1.) -> Residual:
+    return Residual(ConvNorm(dim, dim, 3, 1, 1, groups=dim, bn_weight_init=bn_weight_init))
+
+
+def ffn_residual(dim: int) -> Residual:
+    return Residual(ConvMlp(dim, dim * 2))
+
+
+class CascadedGroupAttention(nn.Module):
+    """Cascaded group attention over one window per batch item (the original's module).
+
+    Args:
+        dim: channels in and out.
+        key_dim: query/key channels per head.
+        num_heads: heads; head i sees channel chunk i plus head i-1's output.
+        window_size: side of the (square) window the input must have.
+        kernels: q depthwise kernel size per head.
+    """
+
+    def __init__(self, dim: int, key_dim: int, num_heads: int, window_size: int,
+                 kernels: Sequence[int]):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.val_dim = dim // num_heads
+        self.scale = key_dim ** -0.5
+        self.window_size = window_size
+        self.kernels = tuple(kernels[:num_heads])
+        self.qkvs = nn.ModuleList(
+            ConvNorm(dim // num_heads, key_dim * 2 + self.val_dim) for _ in range(num_heads))
+        self.dws = nn.ModuleList(
+            ConvNorm(key_dim, key_dim, k, 1, k // 2, groups=key_dim) for k in self.kernels)
+        self.proj = nn.Sequential(nn.ReLU(), ConvNorm(self.val_dim * num_heads, dim, bn_weight_init=0.))
+        n = window_size * window_size
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, n))
+        self.register_buffer('attention_bias_idxs', relative_offset_index(window_size),
+                             persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        if (h, w) != (self.window_size, self.window_size):
+            raise ValueError(f'CascadedGroupAttention expects {self.window_size}x{self.window_size} '
+                             f'windows, got {h}x{w}')
+        biases = self.attention_biases[:, self.attention_bias_idxs]
+        chunks = x.chunk(self.num_heads, dim=1)
+        outs = []
+        feat = chunks[0]
+        for i, (qkv, dw) in enumerate(zip(self.qkvs, self.dws)):
+            if i > 0:
+                feat = outs[-1] + chunks[i]
+            q, k, v = qkv(feat).split([self.key_dim, self.key_dim, self.val_dim], dim=1)
+            q = dw(q)
+            q, k, v = q.flatten(2), k.flatten(2), v.flatten(2)
+            attn = (q.transpose(-2, -1) @ k) * self.scale + biases[i]
+            attn = attn.softmax(dim=-1)
+            outs.append((v @ attn.transpose(-2, -1)).view(b, self.val_dim, h, w))
+        return self.proj(torch.cat(outs, 1))
+
+    def fused_params(self) -> Dict[str, Tensor]:
+        """Folded weights in the layout of :func:`efficientvit_det.ops.cascaded_group_attention`.
+
+        Built from differentiable ops, so gradients reach the conv and BN parameters.
+        """
+        qkv = [conv_weight_bias(m) for m in self.qkvs]
+        kmax = max(self.kernels)
+        dw_w, dw_b = [], []
+        for m, k in zip(self.dws, self.kernels):
+            w, b = conv_weight_bias(m)
+            p = (kmax - k) // 2  # embed smaller kernels at the centre: same result
+            dw_w.append(F.pad(w[:, 0], (p, p, p, p)))
+            dw_b.append(b)
+        proj_w, proj_b = conv_weight_bias(self.proj[1])
+        return dict(
+            qkv_weight=torch.stack([w[:, :, 0, 0] for w, _ in qkv]),
+            qkv_bias=torch.stack([b for _, b in qkv]),
+            dw_weight=torch.stack(dw_w), dw_bias=torch.stack(dw_b),
+            attn_bias=self.attention_biases,
+            proj_weight=proj_w[:, :, 0, 0], proj_bias=proj_b)
+
+
+def relative_offset_index(window_size: int) -> Tensor:
+    """(N, N) index of the (|dy|, |dx|) offset between window positions: |dy|*ws + |dx|."""
+    points = list(itertools.product(range(window_size), range(window_size)))
+    idx = [[abs(p[0] - q[0]) * window_size + abs(p[1] - q[1]) for q in points] for p in points]
+    return torch.tensor(idx, dtype=torch.long)
+
+
+def window_partition(x: Tensor, window_size: int) -> Tuple[Tensor, Tuple[int, int]]:
+    """Zero-pad NCHW bottom/right to multiples of the window; return windows and grid."""
+    b, c, h, w = x.shape
+    pad_b, pad_r = (-h) % window_size, (-w) % window_size
+    x = F.pad(x, (0, pad_r, 0, pad_b))
+    nh, nw = (h + pad_b) // window_size, (w + pad_r) // window_size
+    x = x.view(b, c, nh, window_size, nw, window_size).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b * nh * nw, c, window_size, window_size), (nh, nw)
+
+
+def window_reverse(windows: Tensor, grid: Tuple[int, int], size: Tuple[int, int]) -> Tensor:
+    """Inverse of :func:`window_partition`, cropped to ``size``."""
+    nh, nw = grid
+    n, c, ws, _ = windows.shape
+    b = n // (nh * nw)
+    x = windows.view(b, nh, nw, c, ws, ws).permute(0, 3, 1, 4, 2, 5).reshape(b, c, nh * ws, nw * ws)
+    return x[:, :, :size[0], :size[1]].contiguous()
+
+
+class LocalWindowAttention(nn.Module):
+    """Windowed cascaded group attention on a full feature map of any size.
+
+    Args:
+        attn_impl: 'reference' runs the original module path (pad, partition, attend,
+            reverse). 'fused' calls the fused op on BN-folded weights; 'auto' does so
+            whenever folding is exact (BN layers in eval mode) and falls back to the
+            reference otherwise.
+    """
+
+    def __init__(self, dim: int, key_dim: int, num_heads: int, window_size: int = 7,
+                 kernels: Sequence[int] = (5, 5, 5, 5), attn_impl: str = 'auto'):
+        super().__init__()
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}')
+        self.attn_impl = attn_impl
+        self.window_size = window_size
+        self.attn = CascadedGroupAttention(dim, key_dim, num_heads, window_size, kernels)
+
+    def _bn_in_training(self) -> bool:
+        return any(m.training for m in self.attn.modules() if isinstance(m, nn.BatchNorm2d))
+
+    def use_fused(self) -> bool:
+        if self.attn_impl == 'reference' or torch.onnx.is_in_onnx_export():
+            return False
+        if self._bn_in_training():
+            if self.attn_impl == 'fused':
+                raise RuntimeError("attn_impl='fused' needs the attention BatchNorms in eval mode "
+                                   "(norm_eval=True or model.eval()); use attn_impl='auto'")
+            return False
+        return True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.use_fused():
+            from efficientvit_det.ops import cascaded_group_attention
+            return cascaded_group_attention(x, **self.attn.fused_params(), key_dim=self.attn.key_dim,
+                                            window_size=self.window_size, scale=self.attn.scale)
+        windows, grid = window_partition(x, self.window_size)
+        return window_reverse(self.attn(windows), grid, x.shape[2:])
+
+
+class EfficientVitBlock(nn.Module):
+    """The sandwich: dw -> FFN -> windowed attention -> dw -> FFN, each residual."""
+
+    def __init__(self, dim: int, key_dim: int, num_heads: int, window_size: int,
+                 kernels: Sequence[int], attn_impl: str):
+        super().__init__()
+        self.dw0 = dw_residual(dim, bn_weight_init=0.)
+        self.ffn0 = ffn_residual(dim)
+        self.mixer = Residual(LocalWindowAttention(dim, key_dim, num_heads, window_size, kernels, attn_impl))
+        self.dw1 = dw_residual(dim, bn_weight_init=0.)
+        self.ffn1 = ffn_residual(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ffn1(self.dw1(self.mixer(self.ffn0(self.dw0(x)))))
+
+
+class EfficientVitDownsample(nn.Sequential):
+    """Between stages: residual dw + FFN, PatchMerging (stride 2), residual dw + FFN."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.res1 = nn.Sequential(dw_residual(in_dim), ffn_residual(in_dim))
+        self.patchmerge = PatchMerging(in_dim, out_dim)
+        self.res2 = nn.Sequential(dw_residual(out_dim), ffn_residual(out_dim))
+
+
+class EfficientVitStage(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, depth: int, key_dim: int, num_heads: int,
+                 window_size: int, kernels: Sequence[int], downsample: bool, attn_impl: str,
+                 with_cp: bool = False):
+        super().__init__()
+        self.with_cp = with_cp
+        self.downsample = EfficientVitDownsample(in_dim, out_dim) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(*[
+            EfficientVitBlock(out_dim, key_dim, num_heads, window_size, kernels, attn_impl)
+            for _ in range(depth)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        for m in itertools.chain([self.downsample], self.blocks):
+            if self.with_cp and x.requires_grad:
+                x = cp.checkpoint(m, x, use_reentrant=False)
+            else:
+                x = m(x)
+        return x
+
+
+class PatchEmbedding(nn.Module):
+    """Four 3x3 stride-2 ConvNorms (stride 16); also returns the stride-4 and -8 maps."""
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__()
+        self.conv1 = ConvNorm(in_chans, dim // 8, 3, 2, 1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = ConvNorm(dim // 8, dim // 4, 3, 2, 1)
+        self.relu2 = nn.ReLU()
+        self.conv3 = ConvNorm(dim // 4, dim // 2, 3, 2, 1)
+        self.relu3 = nn.ReLU()
+        self.conv4 = ConvNorm(dim // 2, dim, 3, 2, 1)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        s4 = self.relu2(self.conv2(self.relu1(self.conv1(x))))
+        s8 = self.relu3(self.conv3(s4))
+        return s4, s8, self.conv4(s8)
+
+
+def resolve_arch(arch: Union[str, dict]) -> dict:
+    if isinstance(arch, str):
+        if arch not in ARCH_SETTINGS:
+            raise ValueError(f'unknown EfficientViT arch {arch!r}; choose one of '
+                             f'{sorted(ARCH_SETTINGS)} or pass a dict with fields {ARCH_FIELDS}')
+        return dict(ARCH_SETTINGS[arch])
+    if not isinstance(arch, dict) or set(arch) - {*ARCH_FIELDS, 'key_dim', 'window_size'} \
+            or not set(ARCH_FIELDS) <= set(arch):
+        raise ValueError(f'arch dict must have the fields {ARCH_FIELDS} (optionally key_dim, '
+                         f'window_size), got {arch!r}')
+    if not len(arch['embed_dims']) == len(arch['depths']) == len(arch['num_heads']) == 3:
+        raise ValueError(f'arch dict: embed_dims, depths and num_heads need 3 entries each, got {arch!r}')
+    return dict(arch)
+
+
+@MODELS.register_module()
+class EfficientViT(BaseModule):
+    """EfficientViT backbone (MSRA) returning a tuple of feature maps.
+
+    Args:
+        arch: 'm0'..'m5' or a dict with ``embed_dims``, ``depths``, ``num_heads``,
+            ``kernels`` (and optionally ``key_dim``, ``window_size``).
+        out_indices: levels to return, from ``LEVELS``: 0 = stem stride 4 (C1/4 channels),
+            1 = stem stride 8 (C1/2), 2/3/4 = stages 1/2/3 (strides 16/32/64).
+        frozen_stages: -1 freezes nothing; 0 the stem; k >= 1 the stem and stages 1..k.
+        norm_eval: keep every BatchNorm in eval mode while training (as the original).
+        with_cp: activation checkpointing per block (saves memory, costs a recompute).
+        attn_impl: 'auto' | 'fused' | 'reference', see :class:`LocalWindowAttention`.
+        init_cfg: e.g. ``dict(type='Pretrained', checkpoint=PATH)``; MSRA and timm
+            classification checkpoints are both accepted.
+    """
+
+    def __init__(self, arch: Union[str, dict] = 'm4', out_indices: Sequence[int] = (2, 3, 4),
+                 frozen_stages: int = -1, norm_eval: bool = True, with_cp: bool = False,
+                 attn_impl: str = 'auto', in_channels: int = 3, init_cfg: Optional[dict] = None):
+        super().__init__(init_cfg=init_cfg)
+        self.arch_name = arch if isinstance(arch, str) else 'custom'
+        self.arch = resolve_arch(arch)
+        dims, depths = self.arch['embed_dims'], self.arch['depths']
+        heads, kernels = self.arch['num_heads'], self.arch['kernels']
+        key_dim = self.arch.get('key_dim', 16)
+        window_size = self.arch.get('window_size', 7)
+        if max(heads) > len(kernels):
+            raise ValueError(f'arch needs one q kernel per head: {len(kernels)} kernels for {max(heads)} heads')
+        out_indices = tuple(out_indices)
+        if not out_indices or any(not 0 <= i < len(LEVELS) for i in out_indices) \
+                or len(set(out_indices)) != len(out_indices):
+            raise ValueError(f'out_indices must be distinct values in 0..{len(LEVELS) - 1} '
+                             f'(levels {dict(enumerate(LEVELS))}), got {out_indices}')
+        if not -1 <= frozen_stages <= 3:
+            raise ValueError(f'frozen_stages must be in -1..3, got {frozen_stages}')
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}')
+        self.out_indices = out_indices
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.attn_impl = attn_impl
+        self.window_size = window_size
+
+        self.patch_embed = PatchEmbedding(in_channels, dims[0])
+        self.stages = nn.ModuleList()
+        in_dim = dims[0]
+        for i in range(3):
+            self.stages.append(EfficientVitStage(
+                in_dim, dims[i], depths[i], key_dim, heads[i], window_size, kernels,
+                downsample=i > 0, attn_impl=attn_impl, with_cp=with_cp))
+            in_dim = dims[i]
+        level_channels = (dims[0] // 4, dims[0] // 2, *dims)
+        self.out_channels: List[int] = [level_channels[i] for i in out_indices]
+        self.out_strides: List[int] = [LEVEL_STRIDES[i] for i in out_indices]
+        self._freeze_stages()
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        s4, s8, x = self.patch_embed(x)
+        levels = [s4, s8]
+        for stage in self.stages:
+            x = stage(x)
+            levels.append(x)
+        return tuple(levels[i] for i in self.out_indices)
+
+    def _freeze_stages(self) -> None:
+        frozen = ([self.patch_embed] if self.frozen_stages >= 0 else []) + \
+            list(self.stages[:max(self.frozen_stages, 0)])
+        for m in frozen:
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'EfficientViT':
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def init_weights(self) -> None:
+        if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
+            from efficientvit_det.models.backbones.efficientvit_checkpoint import load_pretrained
+            load_pretrained(self, self.init_cfg['checkpoint'],
+                            prefix=self.init_cfg.get('prefix'))
+            self._is_init = True
+            return
+        super().init_weights()
+
+    @torch.no_grad()
+    def fuse(self) -> 'EfficientViT':
+        """Fold every Conv+BN into a single conv, in place, for inference."""
+        for parent in list(self.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, ConvNorm):
+                    setattr(parent, name, child.fuse())
+        return self
