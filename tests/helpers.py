@@ -1,0 +1,68 @@
+"""Shared test utilities: randomised models and timm <-> MSRA key renaming."""
+from __future__ import annotations
+
+import re
+from typing import Dict
+
+import torch
+from torch import Tensor, nn
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Randomise every parameter and BN statistic (zero-init branches would hide errors)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith('attention_biases'):
+            p.copy_(torch.randn(p.shape, generator=g))
+        elif p.dim() > 1:
+            fan_in = p[0].numel()
+            p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+        elif name.endswith('bn.weight') or name.endswith('.weight'):
+            p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+def timm_to_msra(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """Rename a timm efficientvit_msra state dict into the MSRA original's layout."""
+    out = {}
+    for key, value in state_dict.items():
+        k = re.sub(r'\.conv\.(weight|bias)$', r'.c.\1', key)
+        k = re.sub(r'\.linear\.(weight|bias)$', r'.l.\1', k)
+        m = re.match(r'patch_embed\.conv(\d)\.(.*)', k)
+        if m:
+            k = f'patch_embed.{(int(m.group(1)) - 1) * 2}.{m.group(2)}'
+        m = re.match(r'stages\.(\d)\.downsample\.(res1|patchmerge|res2)\.(.*)', k)
+        if m:
+            idx = ('res1', 'patchmerge', 'res2').index(m.group(2))
+            k = f'blocks{int(m.group(1)) + 1}.{idx}.{m.group(3)}'
+        m = re.match(r'stages\.(\d)\.blocks\.(\d+)\.(.*)', k)
+        if m:
+            stage, j = int(m.group(1)), int(m.group(2))
+            k = f'blocks{stage + 1}.{j + (3 if stage else 0)}.{m.group(3)}'
+        out[k] = value
+    return out
+
+
+def timm_stage_outputs(model: nn.Module, x: Tensor):
+    """The three stage outputs of a timm EfficientVitMsra."""
+    x = model.patch_embed(x)
+    outs = []
+    for stage in model.stages:
+        x = stage(x)
+        outs.append(x)
+    return outs
+
+
+def assert_close_rel(actual: Tensor, expected: Tensor, rel: float, what: str = '') -> None:
+    """max |a - e| <= rel * max |e| (tolerance relative to the output scale)."""
+    assert actual.shape == expected.shape, f'{what}: shape {actual.shape} != {expected.shape}'
+    scale = expected.abs().max().item()
+    err = (actual - expected).abs().max().item()
+    assert err <= rel * max(scale, 1e-12), f'{what}: max abs err {err:.3g} > {rel} x scale {scale:.3g}'
