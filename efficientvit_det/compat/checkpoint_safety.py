@@ -17,11 +17,16 @@ import numpy as np
 import torch
 
 
+# HistoryBuffer's built-in statistics; the class registry fills only on first instantiation.
+_HISTORY_BUFFER_STATISTICS = frozenset({'min', 'max', 'current', 'mean'})
+
+
 def _restricted_getattr(obj: Any, name: str) -> Any:
-    """``getattr`` limited to HistoryBuffer's registered statistics methods."""
+    """``getattr`` limited to HistoryBuffer's statistics methods."""
     from mmengine.logging.history_buffer import HistoryBuffer
-    if (obj is HistoryBuffer or isinstance(obj, HistoryBuffer)) \
-            and name in HistoryBuffer._statistics_methods:
+    allowed = _HISTORY_BUFFER_STATISTICS | set(HistoryBuffer._statistics_methods)
+    if (obj is HistoryBuffer or isinstance(obj, HistoryBuffer)) and name in allowed \
+            and not name.startswith('_'):
         return getattr(obj, name)
     raise torch.serialization.pickle.UnpicklingError(
         f'checkpoint asks for attribute {name!r} of {type(obj).__name__}: refused, only '

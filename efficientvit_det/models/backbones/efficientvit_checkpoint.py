@@ -14,6 +14,7 @@ bicubically to the backbone's 7x7 table.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from typing import Dict, Optional, Tuple
 
@@ -30,14 +31,26 @@ class CheckpointLayoutError(ValueError):
     """The checkpoint is not an EfficientViT backbone in a layout we know."""
 
 
+class UnsafeCheckpointError(RuntimeError):
+    """The checkpoint's pickle asks for objects outside the weights-only allow-list."""
+
+
 def load_checkpoint_file(path: str) -> dict:
     """Load a checkpoint with ``weights_only=True`` (local path or any mmengine URI)."""
-    if os.path.isfile(path):
-        return torch.load(path, map_location='cpu', weights_only=True)
-    if '://' not in path:
+    if not os.path.isfile(path) and '://' not in path:
         raise FileNotFoundError(f'checkpoint file not found: {path}')
-    from mmengine.runner.checkpoint import CheckpointLoader  # torch.load defaults to weights_only
-    return CheckpointLoader.load_checkpoint(path, map_location='cpu')
+    try:
+        if os.path.isfile(path):
+            return torch.load(path, map_location='cpu', weights_only=True)
+        from mmengine.runner.checkpoint import CheckpointLoader  # torch.load: weights_only default
+        return CheckpointLoader.load_checkpoint(path, map_location='cpu')
+    except pickle.UnpicklingError as e:
+        reason = next((line for line in str(e).splitlines()
+                       if 'Unsupported' in line or 'refused' in line), str(e).splitlines()[0])
+        raise UnsafeCheckpointError(
+            f'refused to load {path}: its pickle asks for objects outside the weights-only '
+            f'allow-list, which could run code on this machine ({reason.strip()}). Re-save the '
+            'weights as a plain state dict from a trusted environment.') from None
 
 
 def unwrap_state_dict(checkpoint: dict) -> Dict[str, Tensor]:
