@@ -198,3 +198,26 @@ def test_missing_and_unexpected_keys_are_reported_by_name(tmp_path):
     missing, unexpected = load_pretrained(backbone, str(tmp_path / 'partial.pth'))
     assert missing == ['stages.2.blocks.2.ffn1.m.pw2.bn.weight']
     assert unexpected == ['stages.2.blocks.9.extra.weight']
+
+
+def test_convert_checkpoint_tool(tmp_path):
+    import os
+    import subprocess
+    import sys
+    src = timm_model('m1', 224)
+    ckpt = {'model': timm_to_msra(src.state_dict())}
+    torch.save(ckpt, tmp_path / 'msra.pth')
+    out = tmp_path / 'out' / 'backbone.pth'
+    tool = os.path.join(os.path.dirname(__file__), '..', 'tools', 'convert_checkpoint.py')
+    cmd = [sys.executable, tool, str(tmp_path / 'msra.pth'), str(out), '--arch', 'm1']
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    sd = torch.load(out, weights_only=True)['state_dict']
+    assert not any(k.startswith('head') for k in sd)
+    assert sd['stages.2.blocks.0.mixer.m.attn.attention_biases'].shape == (3, 49)
+    converted = build_from_checkpoint('m1', out)
+    direct = build_from_checkpoint('m1', tmp_path / 'msra.pth')
+    for k, v in direct.state_dict().items():
+        torch.testing.assert_close(converted.state_dict()[k], v, msg=k)
+    again = subprocess.run(cmd, capture_output=True, text=True)  # refuses to overwrite
+    assert again.returncode == 2 and 'exists' in again.stderr
