@@ -1,10 +1,17 @@
 """Test-wide set-up: the package is imported (registers modules) and mmdet is the default
 registry scope, as in an mmdet config (an mmengine Runner built by an earlier test would
 otherwise leave 'mmengine' as the scope and hide mmdet-registered modules)."""
-import pytest
-from mmengine.registry import init_default_scope
+import os
 
-import efficientvit_det  # noqa: F401
+# Triton reads TRITON_INTERPRET when it is first imported (its own library functions are
+# decorated then), and timm/torch may import it while other test modules are collected: set it
+# before anything else so the Triton kernels run on CPU tensors in tests/test_ops_cga.py.
+os.environ.setdefault('TRITON_INTERPRET', '1')
+
+import pytest  # noqa: E402
+from mmengine.registry import init_default_scope  # noqa: E402
+
+import efficientvit_det  # noqa: E402,F401
 
 
 @pytest.fixture(autouse=True)
