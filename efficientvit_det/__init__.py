@@ -7,6 +7,9 @@ from .compat import install as _install_compat
 
 _install_compat()
 
-from . import models  # noqa: E402,F401  (registers EfficientViT, EfficientViTFPN)
+# registers EfficientViT, EfficientViTFPN, the robust image loader, SafeCocoDataset, the
+# NaN/inf and skipped-image hooks and the resumable epoch loop in mmdet's registries
+from . import engine, models  # noqa: E402,F401
+from .datasets import coco_checks, robust_loading  # noqa: E402,F401
 
 __version__ = '0.1.0'

@@ -1,2 +1,2 @@
 """Registries: efficientvit_det registers into mmdet's, so mmdet configs and tools see it."""
-from mmdet.registry import DATASETS, HOOKS, MODELS, TRANSFORMS  # noqa: F401
+from mmdet.registry import DATASETS, HOOKS, LOOPS, MODELS, TRANSFORMS  # noqa: F401
