@@ -1,0 +1,98 @@
+"""Shared helpers of the workflow tests (tiny dataset, tiny config, subprocess runner)."""
+import os
+import os.path as osp
+import socket
+import subprocess
+import sys
+import textwrap
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+TOOLS = osp.join(ROOT, 'tools')
+PY = sys.executable
+DEMO_CONFIG = osp.join(ROOT, 'configs', 'retinanet_efficientvit_m4_demo.py')
+FLAGSHIP_CONFIG = osp.join(ROOT, 'configs', 'retinanet_efficientvit_m4_coco.py')
+
+
+def make_dataset(out, num_train, num_val, size=128, seed=0, difficulty='normal'):
+    from efficientvit_det.datasets import generate_dataset
+    generate_dataset(str(out), num_train, num_val, size=size, seed=seed,
+                     difficulty=difficulty, verbose=False)
+    return str(out)
+
+
+def write_tiny_config(path, data_root, size=128, max_epochs=1, batch_size=4, extra=''):
+    """The demo config shrunk for CI: EfficientViT-M0, a 64-wide neck/head with two convs,
+    ``size`` px inputs, no dataloader workers, data at ``data_root``."""
+    data_root = osp.abspath(data_root).rstrip('/') + '/'
+    text = textwrap.dedent(f'''
+        _base_ = [{DEMO_CONFIG!r}]
+        data_root = {data_root!r}
+        img_scale = ({size}, {size})
+        train_pipeline = [
+            dict(type='RobustLoadImageFromFile', on_error='skip'),
+            dict(type='LoadAnnotations', with_bbox=True),
+            dict(type='Resize', scale=img_scale, keep_ratio=True),
+            dict(type='RandomFlip', prob=0.5),
+            dict(type='PackDetInputs')
+        ]
+        test_pipeline = [
+            dict(type='LoadImageFromFile'),
+            dict(type='Resize', scale=img_scale, keep_ratio=True),
+            dict(type='LoadAnnotations', with_bbox=True),
+            dict(type='PackDetInputs',
+                 meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'))
+        ]
+        model = dict(
+            backbone=dict(arch='m0'),
+            neck=dict(in_channels=[64, 128, 192], out_channels=64),
+            bbox_head=dict(in_channels=64, feat_channels=64, stacked_convs=2))
+        train_dataloader = dict(
+            batch_size={batch_size}, num_workers=0, persistent_workers=False,
+            dataset=dict(data_root=data_root, pipeline=train_pipeline))
+        val_dataloader = dict(
+            batch_size=8, num_workers=0, persistent_workers=False,
+            dataset=dict(data_root=data_root, pipeline=test_pipeline))
+        test_dataloader = val_dataloader
+        val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
+        test_evaluator = val_evaluator
+        train_cfg = dict(max_epochs={max_epochs}, val_interval={max_epochs})
+        param_scheduler = [
+            dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=10),
+            dict(type='MultiStepLR', begin=0, end={max_epochs}, by_epoch=True,
+                 milestones=[{max_epochs}], gamma=0.1)
+        ]
+        default_hooks = dict(logger=dict(interval=5))
+        ''') + textwrap.dedent(extra)
+    with open(path, 'w') as f:
+        f.write(text)
+    return str(path)
+
+
+def run(cmd, timeout=300, env=None, cwd=ROOT, check=True):
+    full_env = dict(os.environ)
+    full_env['PYTHONPATH'] = ROOT + os.pathsep + full_env.get('PYTHONPATH', '')
+    full_env.setdefault('PYTHON', PY)
+    # One intra-op thread: the tiny test models gain little from two, and OpenMP thread
+    # teams collapse (10x slower) when the 2 cores are shared with other processes.
+    full_env.setdefault('OMP_NUM_THREADS', '1')
+    if env:
+        full_env.update(env)
+    r = subprocess.run([str(c) for c in cmd], cwd=cwd, env=full_env, capture_output=True,
+                       text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f'command failed ({r.returncode}): {" ".join(map(str, cmd))}\n'
+                             f'--- stdout (tail) ---\n{r.stdout[-6000:]}\n'
+                             f'--- stderr (tail) ---\n{r.stderr[-6000:]}')
+    return r
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def load_ckpt(path):
+    import efficientvit_det  # noqa: F401  (allow-lists mmengine's checkpoint types)
+    import torch
+    return torch.load(path, map_location='cpu', weights_only=True)
