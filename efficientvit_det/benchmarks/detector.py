@@ -1,0 +1,451 @@
+"""RetinaNet end-to-end inference per image, and a training step: EfficientViT next to R50.
+
+    python tools/benchmark.py detector --models m4 m4+deploy r50
+    python tools/benchmark.py train-step --models m4 r50 --batch 2 --shape 800 1344
+
+Models: ``m0``..``m5`` (our ``configs/retinanet_efficientvit_<arch>_coco.py``), ``r50`` (mmdet's
+own ``retinanet_r50_fpn_1x_coco.py`` from the installed wheel) or a config path, each with
+optional flags joined by ``+``:
+
+``+deploy``   fold Conv+BN for inference: ``backbone.fuse()`` for EfficientViT (its attention
+              then runs the fused op on folded weights), ``mmcv.cnn.fuse_conv_bn`` otherwise.
+``+cl``       channels_last weights and backbone input.
+``+ref``      EfficientViT with ``attn_impl='reference'`` (default: the config's, ``auto``).
+``+fused``    EfficientViT with ``attn_impl='fused'``.
+``+cp``       activation checkpointing in the backbone (``with_cp=True``; training).
+
+Inference (``detector``): an in-memory uint8 image (default 800x1333, which the COCO test
+pipeline keeps at 800x1333 and the data preprocessor pads to 800x1344) through
+``mmdet.apis.inference_detector`` -- test pipeline, normalisation/padding, backbone, neck,
+head, box decoding and NMS: the whole per-image cost. The same work split in parts (``pre``:
+pipeline + data preprocessor; ``backbone``; ``neck+head``: tensor forward; ``post``:
+``predict_by_feat``, i.e. decoding, top-k, NMS) is timed in the same interleaved loop.
+
+Weights are random (nothing can be downloaded here): every parameter randomised and the BN
+statistics calibrated on one batch, identical for the variants of one arch. Random head
+weights score most anchors near 0.5, so every level fills its ``nms_pre=1000`` candidates and
+NMS sees the maximum number of boxes: post-processing is timed in its worst case (a trained
+model keeps fewer candidates above ``score_thr=0.05``), for every model alike.
+
+Training (``train-step``): ``model.train_step`` (data preprocessor, forward, focal + L1 losses,
+backward, AdamW step) on a batch of random images with 5 random boxes each, timed interleaved;
+peak memory per model in a fresh subprocess on CPU (peak RSS above the RSS after building the
+model, data and optimizer) or ``torch.cuda.max_memory_allocated`` on CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from efficientvit_det.benchmarks.common import (Progress, add_common_args, build_detector_from_config,
+                                                calibrate_bn_, fmt_ms, format_table, machine_info,
+                                                max_rel_err, peak_memory, randomize_, run_isolated,
+                                                setup_from_args, time_interleaved, write_json)
+
+FLAGS = ('deploy', 'cl', 'ref', 'fused', 'cp')
+PARTS = ('pre', 'backbone', 'neck+head', 'post')
+
+
+def parse_model(spec: str) -> Tuple[str, Tuple[str, ...]]:
+    base, *flags = spec.split('+')
+    bad = [f for f in flags if f not in FLAGS]
+    if bad or not base:
+        raise argparse.ArgumentTypeError(
+            f'model {spec!r}: base m0..m5, r50 or a config path, flags from {FLAGS} joined by +')
+    return base, tuple(flags)
+
+
+def _is_evit(model: nn.Module) -> bool:
+    return type(model.backbone).__name__ == 'EfficientViT'
+
+
+def _set_attn_impl(model: nn.Module, impl) -> List[str]:
+    """Set ``attn_impl`` of every EfficientViT attention (a str, or a list from a previous call);
+    return the previous values."""
+    mods = [m for m in model.backbone.modules() if type(m).__name__ == 'LocalWindowAttention']
+    old = [m.attn_impl for m in mods]
+    for i, m in enumerate(mods):
+        m.attn_impl = impl[i] if isinstance(impl, list) else impl
+    return old
+
+
+def build_model(spec: str, device: torch.device, seed: int = 0, calib_hw=(320, 480),
+                train: bool = False, cache: Optional[dict] = None) -> nn.Module:
+    """A detector for ``spec``; variants of one base share randomised, BN-calibrated weights.
+
+    ``train=True``: mmdet's own initialisation (``init_weights``), train mode, no deploy.
+    """
+    base, flags = parse_model(spec)
+    attn = 'reference' if 'ref' in flags else 'fused' if 'fused' in flags else None
+    opts = {'model.backbone.with_cp': True} if 'cp' in flags else None
+    if train:
+        model = build_detector_from_config(base, 'cpu', attn_impl=attn, cfg_options=opts)
+        torch.manual_seed(seed)
+        model.init_weights()
+        model.train()
+    else:
+        key = (base, 'cp' in flags)
+        if cache is not None and key in cache:
+            model = copy.deepcopy(cache[key])
+        else:
+            model = build_detector_from_config(base, 'cpu', cfg_options=opts)
+            randomize_(model, seed)
+            x = torch.randn(1, 3, *calib_hw, generator=torch.Generator().manual_seed(seed + 7))
+            impls = _set_attn_impl(model, 'reference')  # BNs train while calibrating
+            calibrate_bn_(model, lambda: model._forward(x))
+            _set_attn_impl(model, impls)
+            if cache is not None:
+                cache[key] = copy.deepcopy(model)
+        if attn is not None:
+            _set_attn_impl(model, attn)
+        if 'deploy' in flags:
+            if _is_evit(model):
+                model.backbone.fuse()
+            else:
+                from mmcv.cnn import fuse_conv_bn
+                model = fuse_conv_bn(model)
+        model.eval()
+    model = model.to(device)
+    if 'cl' in flags:
+        model = model.to(memory_format=torch.channels_last)
+        model.backbone.register_forward_pre_hook(
+            lambda m, args: (args[0].contiguous(memory_format=torch.channels_last), *args[1:]))
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# inference
+# --------------------------------------------------------------------------------------------
+def _test_pipeline(model: nn.Module, test_scale: Optional[Tuple[int, int]]):
+    from mmcv.transforms import Compose
+    from mmdet.utils import get_test_pipeline_cfg
+    cfg = copy.deepcopy(model.cfg)
+    pipeline = get_test_pipeline_cfg(cfg)
+    pipeline[0].type = 'mmdet.LoadImageFromNDArray'
+    for t in pipeline:
+        if test_scale is not None and t.type.split('.')[-1] == 'Resize':
+            t.scale = tuple(test_scale)
+    cfg.test_dataloader.dataset.pipeline = pipeline
+    return cfg, Compose(pipeline)
+
+
+class InferenceCases:
+    """The end-to-end call and its parts for one model and one image."""
+
+    def __init__(self, model: nn.Module, img: np.ndarray, test_scale: Optional[Tuple[int, int]]):
+        from mmdet.apis import inference_detector
+        self.model, self.img = model, img
+        cfg, self.pipeline = _test_pipeline(model, test_scale)
+        model.cfg = cfg  # inference_detector builds its pipeline from model.cfg
+        self._inference_detector = inference_detector
+        with torch.inference_mode():
+            self.batch = self.pre()
+            self.inputs = self.batch['inputs']
+            self.feats = model.backbone(self.inputs)
+            self.outs = model.bbox_head(model.neck(self.feats))
+
+    def e2e(self):
+        with torch.inference_mode():
+            return self._inference_detector(self.model, self.img)
+
+    def pre(self):
+        data = self.pipeline(dict(img=self.img, img_id=0))
+        data = dict(inputs=[data['inputs']], data_samples=[data['data_samples']])
+        return self.model.data_preprocessor(data, False)
+
+    def backbone(self):
+        with torch.inference_mode():
+            return self.model.backbone(self.inputs)
+
+    def neck_head(self):
+        with torch.inference_mode():
+            return self.model.bbox_head(self.model.neck(self.feats))
+
+    def post(self):
+        with torch.inference_mode():
+            samples = self.batch['data_samples']
+            metas = [s.metainfo for s in samples]
+            res = self.model.bbox_head.predict_by_feat(*self.outs, batch_img_metas=metas, rescale=True)
+            return self.model.add_pred_to_datasample(samples, res)
+
+    def manual(self):
+        """pre -> backbone -> neck+head -> post in one go (for the equality check)."""
+        with torch.inference_mode():
+            batch = self.pre()
+            outs = self.model.bbox_head(self.model.neck(self.model.backbone(batch['inputs'])))
+            metas = [s.metainfo for s in batch['data_samples']]
+            return self.model.bbox_head.predict_by_feat(*outs, batch_img_metas=metas, rescale=True)[0]
+
+    def cases(self, breakdown: bool) -> Dict[str, Callable[[], Any]]:
+        out = {'e2e': self.e2e}
+        if breakdown:
+            out.update({'pre': self.pre, 'backbone': self.backbone, 'neck+head': self.neck_head,
+                        'post': self.post})
+        return out
+
+
+def _dets_equal(a, b) -> float:
+    """max rel err between two InstanceData results (inf if they hold different boxes)."""
+    if len(a.bboxes) != len(b.bboxes) or not torch.equal(a.labels.cpu(), b.labels.cpu()):
+        return float('inf')
+    return max(max_rel_err(a.bboxes, b.bboxes), max_rel_err(a.scores, b.scores)) if len(a.bboxes) else 0.
+
+
+def run_inference(models: Sequence[str], device: torch.device, height: int = 800, width: int = 1333,
+                  test_scale: Optional[Tuple[int, int]] = None, repeats: int = 5, warmup: int = 1,
+                  seed: int = 0, breakdown: bool = True, tol: float = 1e-3,
+                  progress: Optional[Progress] = None) -> Dict[str, Any]:
+    progress = progress or Progress(enabled=False)
+    img = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    cache: dict = {}
+    built: Dict[str, InferenceCases] = {}
+    for spec in models:
+        progress.update(f'[detector] building {spec}', force=True)
+        built[spec] = InferenceCases(build_model(spec, device, seed, cache=cache), img, test_scale)
+    cache.clear()
+
+    checks: Dict[str, Any] = {}
+    for spec, ic in built.items():
+        progress.update(f'[detector] checking {spec}', force=True)
+        e2e = ic.e2e().pred_instances
+        checks[spec] = dict(num_dets=len(e2e.bboxes), input_shape=list(ic.inputs.shape),
+                            manual_vs_e2e_max_rel_err=_dets_equal(ic.manual(), e2e))
+        base = parse_model(spec)[0]
+        ref = next((s for s in models if parse_model(s)[0] == base), spec)
+        if ref != spec:  # same weights: compare the raw head outputs with the first variant
+            a = [t for lvl in ic.outs for t in lvl]
+            b = [t for lvl in built[ref].outs for t in lvl]
+            checks[spec]['head_outputs_vs'] = ref
+            checks[spec]['head_outputs_max_rel_err'] = max_rel_err(a, b)
+    for c in checks.values():
+        c['outputs_equal'] = c['manual_vs_e2e_max_rel_err'] <= tol and \
+            c.get('head_outputs_max_rel_err', 0.) <= tol
+
+    cases = {}
+    for spec, ic in built.items():
+        for part, fn in ic.cases(breakdown).items():
+            cases[f'{spec} {part}'] = fn
+    heaviest = max(built, key=lambda s: 0 if _is_evit(built[s].model) else 1)
+    stats = time_interleaved(cases, repeats, warmup, device, progress, label='detector',
+                             allocator_warmup=built[heaviest].e2e)
+    progress.done()
+    results = []
+    for spec in models:
+        r = dict(model=spec, e2e=stats[f'{spec} e2e'], **checks[spec])
+        if breakdown:
+            r['parts'] = {p: stats[f'{spec} {p}'] for p in PARTS}
+        results.append(r)
+    ref_r50 = next((r for r in results if parse_model(r['model'])[0] == 'r50'), None)
+    if ref_r50 is not None:
+        for r in results:
+            r['speedup_vs_r50'] = ref_r50['e2e']['median_ms'] / r['e2e']['median_ms']
+    return dict(benchmark='detector', image_hw=[height, width], test_scale=test_scale,
+                models=list(models), results=results, tolerance=tol,
+                all_outputs_equal=all(c['outputs_equal'] for c in checks.values()))
+
+
+def render_inference(payload: Dict[str, Any]) -> str:
+    rows = []
+    for r in payload['results']:
+        parts = r.get('parts', {})
+        rows.append((r['model'], fmt_ms(r['e2e']),
+                     *(f"{parts[p]['median_ms']:.1f}" if p in parts else '-' for p in PARTS),
+                     f"{r['speedup_vs_r50']:.2f}x" if 'speedup_vs_r50' in r else '-',
+                     r['num_dets'], f"{max(r['manual_vs_e2e_max_rel_err'], r.get('head_outputs_max_rel_err', 0.)):.1e}"))
+    h, w = payload['image_hw']
+    table = format_table(['model', 'end-to-end ms: median (IQR)', *(f'{p} ms' for p in PARTS),
+                          'speed-up vs r50', 'dets', 'max rel err'], rows)
+    return (table + f"\nimage {h}x{w} uint8 in memory -> network input {payload['results'][0]['input_shape']}; "
+            f"outputs equal: {payload['all_outputs_equal']}")
+
+
+# --------------------------------------------------------------------------------------------
+# training step
+# --------------------------------------------------------------------------------------------
+def make_train_batch(batch: int, height: int, width: int, seed: int = 0, boxes: int = 5,
+                     num_classes: int = 80) -> Dict[str, Any]:
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData
+    g = torch.Generator().manual_seed(seed)
+    inputs, samples = [], []
+    for _ in range(batch):
+        inputs.append(torch.randint(0, 256, (3, height, width), generator=g, dtype=torch.uint8))
+        xy = torch.rand(boxes, 2, generator=g) * torch.tensor([width * .7, height * .7])
+        wh = (torch.rand(boxes, 2, generator=g) * .25 + .05) * torch.tensor([width, height])
+        s = DetDataSample(metainfo=dict(img_shape=(height, width), ori_shape=(height, width),
+                                        pad_shape=(height, width), scale_factor=(1., 1.),
+                                        img_id=len(samples)))
+        s.gt_instances = InstanceData(bboxes=torch.cat([xy, xy + wh], 1),
+                                      labels=torch.randint(0, num_classes, (boxes,), generator=g))
+        s.ignored_instances = InstanceData(bboxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long))
+        samples.append(s)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+class TrainStep:
+    def __init__(self, spec: str, device: torch.device, batch: int, height: int, width: int,
+                 seed: int = 0):
+        from mmengine.optim import OptimWrapper
+        self.model = build_model(spec, device, seed, train=True)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optim = OptimWrapper(torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999),
+                                                    weight_decay=0.05))
+        self.data = make_train_batch(batch, height, width, seed)
+        self.losses: List[float] = []
+
+    def __call__(self):
+        log_vars = self.model.train_step(self.data, self.optim)
+        self.losses.append(float(torch.as_tensor(log_vars['loss']).detach()))
+        return log_vars
+
+
+def _train_memory_child(spec: str, batch: int, height: int, width: int, steps: int, seed: int,
+                        device: str, threads: Optional[int] = None) -> Dict[str, Any]:
+    """Subprocess body: build, then peak memory over ``steps`` training steps."""
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    step = TrainStep(spec, dev, batch, height, width, seed)
+    mem = peak_memory(lambda: [step() for _ in range(steps)], dev)
+    mem['steps'] = steps
+    mem['losses'] = step.losses
+    return mem
+
+
+def run_train_step(models: Sequence[str], device: torch.device, batch: int = 2, height: int = 800,
+                   width: int = 1344, repeats: int = 3, warmup: int = 1, seed: int = 0,
+                   memory: bool = True, memory_steps: int = 2,
+                   progress: Optional[Progress] = None) -> Dict[str, Any]:
+    progress = progress or Progress(enabled=False)
+    mem: Dict[str, Any] = {}
+    if memory:  # first, in fresh processes (CPU) so nothing else has touched the heap
+        for spec in models:
+            progress.update(f'[train-step] peak memory of {spec} ({memory_steps} steps)', force=True)
+            if device.type == 'cpu':
+                mem[spec] = run_isolated('efficientvit_det.benchmarks.detector:_train_memory_child',
+                                         spec=spec, batch=batch, height=height, width=width,
+                                         steps=memory_steps, seed=seed, device='cpu',
+                                         threads=torch.get_num_threads())
+            else:
+                mem[spec] = _train_memory_child(spec, batch, height, width, memory_steps, seed,
+                                                str(device))
+    steps = {}
+    for spec in models:
+        progress.update(f'[train-step] building {spec}', force=True)
+        steps[spec] = TrainStep(spec, device, batch, height, width, seed)
+    stats = time_interleaved(dict(steps), repeats, warmup, device, progress, label='train-step')
+    progress.done()
+    results = []
+    for spec in models:
+        losses = steps[spec].losses
+        results.append(dict(model=spec, step=stats[spec], imgs_per_s=batch / (stats[spec]['median_ms'] / 1e3),
+                            losses=losses, losses_finite=all(np.isfinite(losses)),
+                            trainable_params=sum(p.numel() for p in steps[spec].model.parameters()
+                                                 if p.requires_grad),
+                            memory=mem.get(spec)))
+    ref = next((r for r in results if parse_model(r['model'])[0] == 'r50'), None)
+    if ref is not None:
+        for r in results:
+            r['speedup_vs_r50'] = ref['step']['median_ms'] / r['step']['median_ms']
+    return dict(benchmark='train-step', batch=batch, input_hw=[height, width], models=list(models),
+                optimizer='AdamW lr 1e-4 wd 0.05', results=results,
+                all_losses_finite=all(r['losses_finite'] for r in results))
+
+
+def render_train(payload: Dict[str, Any]) -> str:
+    rows = []
+    for r in payload['results']:
+        m = r['memory'] or {}
+        rows.append((r['model'], fmt_ms(r['step']), f"{r['imgs_per_s']:.2f}",
+                     f"{r['speedup_vs_r50']:.2f}x" if 'speedup_vs_r50' in r else '-',
+                     f"{m['peak_delta_mb']:.0f}" if m.get('peak_delta_mb') is not None else '-',
+                     f"{m['peak_mb']:.0f}" if m.get('peak_mb') is not None else '-',
+                     f"{r['trainable_params'] / 1e6:.1f}M"))
+    b, (h, w) = payload['batch'], payload['input_hw']
+    method = next((r['memory']['method'] for r in payload['results'] if r['memory']), 'not measured')
+    return (format_table(['model', 'train step ms: median (IQR)', 'img/s', 'speed-up vs r50',
+                          'peak mem above baseline MiB', 'peak mem MiB', 'trainable params'], rows)
+            + f'\nbatch {b} x {h}x{w}; {payload["optimizer"]}; memory: {method}; '
+              f'losses finite: {payload["all_losses_finite"]}')
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+def _check_models(models: Sequence[str]) -> List[str]:
+    for m in models:
+        try:
+            parse_model(m)
+        except argparse.ArgumentTypeError as e:
+            raise SystemExit(str(e))
+    return list(models)
+
+
+def build_inference_parser(parser=None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog='benchmark.py detector', description=__doc__,
+                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--models', nargs='+', default=['m4', 'm4+deploy', 'r50'])
+    parser.add_argument('--shape', nargs=2, type=int, default=(800, 1333), metavar=('H', 'W'),
+                        help='the in-memory image (default: %(default)s)')
+    parser.add_argument('--test-scale', nargs=2, type=int, default=None, metavar=('W', 'H'),
+                        help="override the test pipeline's Resize scale (default: the config's, "
+                             "(1333, 800))")
+    parser.add_argument('--no-breakdown', action='store_true', help='time end-to-end only')
+    parser.add_argument('--tol', type=float, default=1e-3,
+                        help='max relative error for outputs to count as equal (default: %(default)s)')
+    add_common_args(parser, repeats=5, warmup=1)
+    return parser
+
+
+def main_inference(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = build_inference_parser().parse_args(argv)
+    device = setup_from_args(args)
+    payload = run_inference(_check_models(args.models), device, *args.shape,
+                            test_scale=args.test_scale, repeats=args.repeats, warmup=args.warmup,
+                            seed=args.seed, breakdown=not args.no_breakdown, tol=args.tol,
+                            progress=Progress(not args.quiet))
+    payload['machine'] = machine_info(device)
+    payload['args'] = vars(args)
+    print(render_inference(payload))
+    write_json(args.json, payload)
+    return payload
+
+
+def build_train_parser(parser=None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog='benchmark.py train-step', description=__doc__,
+                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--models', nargs='+', default=['m4', 'r50'])
+    parser.add_argument('--batch', type=int, default=2)
+    parser.add_argument('--shape', nargs=2, type=int, default=(800, 1344), metavar=('H', 'W'),
+                        help='padded network input size (default: %(default)s)')
+    parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory runs')
+    parser.add_argument('--memory-steps', type=int, default=2,
+                        help='training steps in the peak-memory run (default: %(default)s; the '
+                             'first one creates the AdamW state)')
+    add_common_args(parser, repeats=3, warmup=1)
+    return parser
+
+
+def main_train(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = build_train_parser().parse_args(argv)
+    device = setup_from_args(args)
+    payload = run_train_step(_check_models(args.models), device, args.batch, *args.shape,
+                             repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+                             memory=not args.no_memory, memory_steps=args.memory_steps,
+                             progress=Progress(not args.quiet))
+    payload['machine'] = machine_info(device)
+    payload['args'] = vars(args)
+    print(render_train(payload))
+    write_json(args.json, payload)
+    return payload
+
+
+main = main_inference
+
+if __name__ == '__main__':
+    main_inference()
