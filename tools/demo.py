@@ -89,8 +89,7 @@ def build_config(args):
         for sched in cfg.param_scheduler:
             if sched.get('type') == 'MultiStepLR':
                 sched['end'] = args.epochs
-                sched['milestones'] = [m for m in sched['milestones'] if m < args.epochs] \
-                    or [max(args.epochs - 1, 1)]
+                sched['milestones'] = [max(args.epochs - 1, 1)]  # lr x0.1 for the last epoch
     cfg.work_dir = args.work_dir
     cfg.randomness = dict(seed=args.seed)
     cfg.default_hooks.logger.interval = args.log_interval
