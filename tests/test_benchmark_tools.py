@@ -2,6 +2,7 @@
 promise: JSON fields, equal outputs across variants, exact FLOP counts. No timing assertions."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -54,12 +55,13 @@ def test_dispatcher():
 def test_backbone_variants_equal_outputs(tmp_path):
     out = tmp_path / 'bb.json'
     backbone.main(['--arch', 'm4', '--inputs', '1x64x96', '2x72x72',
-                   '--variants', 'timm', 'reference', 'fused', 'deploy', 'deploy+cl',
+                   '--variants', 'timm', 'reference', 'fused', 'deploy', 'deploy+cl', 'onnx',
                    '--json', str(out), *TINY])
     d = load(out)
     assert d['benchmark'] == 'backbone' and d['baseline'] == 'timm'
     assert {'cpu', 'cpu_count', 'torch', 'torch_threads'} <= set(d['machine'])
-    assert len(d['results']) == 2 * 5
+    assert len(d['results']) == 2 * 6
+    assert {r['variant'] for r in d['results']} >= {'deploy+cl', 'onnx'}
     for r in d['results']:
         assert STATS <= set(r)
         assert {'input', 'variant', 'imgs_per_s', 'speedup_vs_baseline',
@@ -69,6 +71,8 @@ def test_backbone_variants_equal_outputs(tmp_path):
     # stride 16/32/64 maps of a 64x96 input, m4 channels
     assert d['results'][0]['output_shapes'] == [[1, 128, 4, 6], [1, 256, 2, 3], [1, 384, 1, 2]]
     assert {f['input'] for f in d['fastest']} == {'1x64x96', '2x72x72'}
+    with pytest.raises(argparse.ArgumentTypeError, match='not for onnx'):
+        backbone.parse_variant('onnx+cl')
 
 
 def test_detector_end_to_end_and_parts(tmp_path):

@@ -12,6 +12,9 @@ Variants (``--variants``; a ``+cl`` suffix runs that variant in channels_last):
                backend: the C++ kernel on CPU when built, Triton on CUDA, else its PyTorch
                reference -- the backend used is reported).
 ``deploy``     ``fused`` after ``backbone.fuse()`` (every Conv+BN folded, as for inference).
+``onnx``       ``deploy`` exported to ONNX (``efficientvit_det.deploy.export_onnx``, dynamic
+               size) and run by onnxruntime's CPU provider on as many threads as torch uses
+               (CPU only; no ``+cl``: onnxruntime picks its own layouts).
 
 Before timing, every variant's outputs are compared with the first variant's (timm by
 default) on the same input: ``max_rel_err`` = max |a - e| / max |e| over the three stages.
@@ -29,8 +32,8 @@ from efficientvit_det.benchmarks.common import (Progress, add_common_args, calib
                                                 format_table, machine_info, max_rel_err, randomize_,
                                                 setup_from_args, time_interleaved, write_json)
 
-BASE_VARIANTS = ('timm', 'reference', 'fused', 'deploy')
-DEFAULT_VARIANTS = ('timm', 'reference', 'fused', 'deploy', 'deploy+cl')
+BASE_VARIANTS = ('timm', 'reference', 'fused', 'deploy', 'onnx')
+DEFAULT_VARIANTS = ('timm', 'reference', 'fused', 'deploy', 'deploy+cl', 'onnx')
 DEFAULT_INPUTS = ('1x224x224', '16x224x224', '1x800x1344')
 
 
@@ -63,10 +66,31 @@ def parse_input(spec: str) -> Tuple[int, int, int]:
 
 def parse_variant(spec: str) -> Tuple[str, bool]:
     base, _, suffix = spec.partition('+')
-    if base not in BASE_VARIANTS or suffix not in ('', 'cl'):
+    if base not in BASE_VARIANTS or suffix not in ('', 'cl') or (base == 'onnx' and suffix):
         raise argparse.ArgumentTypeError(
-            f'variant {spec!r}: choose from {BASE_VARIANTS}, optionally with +cl (channels_last)')
+            f'variant {spec!r}: choose from {BASE_VARIANTS}, optionally with +cl (channels_last; '
+            f'not for onnx)')
     return base, suffix == 'cl'
+
+
+class OnnxRuntimeBackbone(nn.Module):
+    """A backbone exported to ONNX and run by onnxruntime (CPU), called like the module."""
+
+    def __init__(self, backbone: nn.Module, threads: int):
+        super().__init__()
+        import tempfile
+
+        from efficientvit_det.deploy import export_onnx, make_session
+        with tempfile.TemporaryDirectory(prefix='evit_backbone_') as tmp:
+            path = f'{tmp}/backbone.onnx'
+            export_onnx(backbone, path, shape=(224, 224), backbone_only=True, verify_shapes=())
+            # no spinning: idle ORT threads would busy-wait and slow the variants timed after it
+            self.session = make_session(path, threads=threads, spinning=False)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        outs = self.session.run(None, {self.input_name: x.detach().cpu().contiguous().numpy()})
+        return tuple(torch.from_numpy(o) for o in outs)
 
 
 def timm_window_img_size(arch_settings: dict) -> int:
@@ -101,8 +125,14 @@ def build_variants(arch: str, variants: Sequence[str], device: torch.device, see
         else:
             m = EfficientViT(arch, attn_impl='fused')
             m.load_state_dict(state)
-            if base == 'deploy':
+            if base in ('deploy', 'onnx'):
                 m.fuse()
+            if base == 'onnx':
+                if device.type != 'cpu':
+                    raise SystemExit('variant onnx: onnxruntime runs on the CPU here; use '
+                                     '--device cpu or leave onnx out of --variants')
+                models[spec] = OnnxRuntimeBackbone(m.eval(), torch.get_num_threads())
+                continue
         m = m.eval().to(device)
         if cl:
             m = m.to(memory_format=torch.channels_last)

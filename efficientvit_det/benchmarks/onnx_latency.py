@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             progress.update(f'[{part}] exporting to ONNX', force=True)
             export_onnx(fused_op, path, shape=(h, w), backbone_only=part == 'backbone',
                         opset=args.opset or DEFAULT_OPSET, verify_shapes=())
-            sess = make_session(path, threads=threads)
+            sess = make_session(path, threads=threads, spinning=False)  # no busy-waiting between cases
             feed = {sess.get_inputs()[0].name: x.numpy()}
             modules = {CASES[0]: wrap(getattr(fused_op, 'backbone') if part == 'backbone' else fused_op),
                        CASES[1]: wrap(getattr(reference, 'backbone') if part == 'backbone' else reference)}

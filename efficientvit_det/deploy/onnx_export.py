@@ -348,11 +348,17 @@ def read_metadata(onnx_file: str) -> Dict[str, Any]:
             if p.key.startswith(_META_PREFIX)}
 
 
-def make_session(onnx_file: str, threads: Optional[int] = None):
-    """An onnxruntime CPU session (all graph optimisations on)."""
+def make_session(onnx_file: str, threads: Optional[int] = None, spinning: bool = True):
+    """An onnxruntime CPU session (all graph optimisations on).
+
+    ``spinning=False`` stops its worker threads from busy-waiting after each run: needed when
+    other code is timed in the same process, which the spinning threads would slow down.
+    """
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:
+        so.add_session_config_entry('session.intra_op.allow_spinning', '0')
     if threads:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3
