@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import math
 
 import numpy as np
 import pytest
 from mmdet.datasets import CocoDataset
-from mmengine.logging import MMLogger
 from mmengine.registry import init_default_scope
 
 from efficientvit_det.datasets.coco_checks import (CocoAnnotationError, SafeCocoDataset,
@@ -72,27 +70,6 @@ def build(cls, ann_file, **kw):
 
 def data_list(ds):
     return [ds.get_data_info(i) for i in range(len(ds))]
-
-
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-    def text(self, level=logging.WARNING):
-        return '\n'.join(r.getMessage() for r in self.records if r.levelno >= level)
-
-
-@pytest.fixture
-def log():
-    logger = MMLogger.get_current_instance()
-    handler = _Records()
-    logger.addHandler(handler)
-    yield handler
-    logger.removeHandler(handler)
 
 
 # -- malformed files: error naming the file and the position ------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 
 import cv2
@@ -14,7 +13,6 @@ import mmcv
 import numpy as np
 import pytest
 import torch
-from mmengine.logging import MMLogger
 from PIL import Image, ImageOps
 
 from efficientvit_det.datasets.coco_checks import SafeCocoDataset
@@ -27,27 +25,6 @@ BGR = (RNG.random((30, 50, 3)) * 255).astype(np.uint8)  # H=30, W=50
 
 
 # -- helpers ----------------------------------------------------------------------------
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-    def text(self, level=logging.WARNING):
-        return '\n'.join(r.getMessage() for r in self.records if r.levelno >= level)
-
-
-@pytest.fixture
-def log():
-    logger = MMLogger.get_current_instance()
-    handler = _Records()
-    logger.addHandler(handler)
-    yield handler
-    logger.removeHandler(handler)
-
-
 def jpeg(img_bgr: np.ndarray, orientation: int = 1) -> bytes:
     im = Image.fromarray(np.ascontiguousarray(img_bgr[..., ::-1]))
     bio = io.BytesIO()

@@ -21,9 +21,9 @@ for _p in (_ROOT, _TOOLS):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from mmengine.config import Config, ConfigDict, DictAction  # noqa: E402
+from mmengine.config import ConfigDict, DictAction  # noqa: E402
 
-from train import setup_device_for_dist  # noqa: E402  (tools/train.py)
+from train import load_config, setup_device_for_dist  # noqa: E402  (tools/train.py)
 
 
 def parse_args(argv=None):
@@ -52,17 +52,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    import efficientvit_det  # noqa: F401  (registers modules, checkpoint compatibility)
-
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg = load_config(args)
     cfg.load_from = args.checkpoint
     cfg.resume = False
 

@@ -106,9 +106,11 @@ def setup_device_for_dist(cfg, launcher):
         dist.init_process_group(backend='gloo', **kwargs)
 
 
-def build_cfg(args):
-    # importing the package registers EfficientViT / EfficientViTFPN and the checkpoint
-    # compatibility layer (configs also name it in custom_imports)
+def load_config(args):
+    """The config with ``--cfg-options``, the launcher and the work dir applied (train and test:
+    ``args`` needs ``config``, ``launcher``, ``cfg_options`` and ``work_dir``)."""
+    # importing the package registers our modules and the checkpoint compatibility layer
+    # (configs also name it in custom_imports)
     import efficientvit_det  # noqa: F401
 
     cfg = Config.fromfile(args.config)
@@ -120,6 +122,11 @@ def build_cfg(args):
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir', None) is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    return cfg
+
+
+def build_cfg(args):
+    cfg = load_config(args)
 
     if args.amp:
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
