@@ -6,7 +6,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from efficientvit_det.models.backbones.efficientvit import (ARCH_SETTINGS, EfficientViT,
+from efficientvit_det.models.backbones.efficientvit import (_CONV_POINTWISE, ARCH_SETTINGS,
+                                                            ConvReLU, EfficientViT,
                                                             LocalWindowAttention, relative_offset_index)
 from efficientvit_det.models.backbones.efficientvit_checkpoint import CheckpointLayoutError
 from efficientvit_det.registry import MODELS
@@ -123,6 +124,35 @@ def test_fuse_keeps_outputs():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     for a, b in zip(after, before):
         assert_close_rel(a, b, 1e-9, 'fused')
+
+
+@pytest.mark.parametrize('conv_args,channels_last', [
+    ((16, 32, 3, 2, 1), True), ((16, 32, 3, 2, 1), False), ((64, 128, 1), True),
+    (dict(in_channels=48, out_channels=48, kernel_size=3, stride=2, padding=1, groups=48), True)])
+def test_conv_relu_equals_relu_of_conv(conv_args, channels_last):
+    conv = (torch.nn.Conv2d(**conv_args) if isinstance(conv_args, dict)
+            else torch.nn.Conv2d(*conv_args)).eval()
+    x = torch.randn(2, conv.in_channels, 23, 37)
+    if channels_last:
+        conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(
+            memory_format=torch.channels_last)
+    fused = ConvReLU(conv)
+    with torch.no_grad():
+        assert fused._can_fuse(x) == (_CONV_POINTWISE is not None)  # the oneDNN path runs
+        torch.testing.assert_close(fused(x), torch.relu(conv(x)), rtol=1e-5, atol=1e-6)
+    # with autograd it runs the plain ops (the oneDNN op has no backward)
+    xg = x.clone().requires_grad_()
+    assert not fused._can_fuse(xg)
+    fused(xg).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+
+
+def test_fuse_merges_every_conv_relu_pair():
+    model = EfficientViT('m4', attn_impl='reference').eval().fuse()
+    # stem 3, every FFN (2 per block, 2 per downsample) 16, PatchMerging 2 x 2, SE fc1 2
+    assert sum(isinstance(m, ConvReLU) for m in model.modules()) == 3 + 16 + 4 + 2
+    assert not any(isinstance(m, torch.nn.ReLU) for name, m in model.named_modules()
+                   if not name.endswith('attn.proj.0'))  # the attention's ReLU precedes its conv
 
 
 def test_norm_eval_freezes_bn_statistics():
