@@ -9,15 +9,14 @@ from __future__ import annotations
 import importlib
 import math
 import os
-import sys
 import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 os.environ.setdefault('TRITON_INTERPRET', '1')  # also in conftest.py: before triton is imported
 
+from efficientvit_det.benchmarks.common import saved_tensor_bytes  # noqa: E402
 from efficientvit_det.ops import cga as cga_mod  # noqa: E402
 from efficientvit_det.ops import available_backends, cascaded_group_attention  # noqa: E402
 from efficientvit_det.ops.cga_reference import cga_reference  # noqa: E402
@@ -332,20 +331,7 @@ def test_gradients_flow_through_differentiable_folding():
 
 def _saved_bytes(fn, inputs):
     """Bytes the autograd graph saves for backward, excluding the inputs themselves."""
-    input_ptrs = {t.untyped_storage().data_ptr() for t in inputs}
-    seen, total = set(), 0
-
-    def pack(t):
-        nonlocal total
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in input_ptrs and ptr not in seen:
-            seen.add(ptr)
-            total += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(inputs)
-    return total
+    return saved_tensor_bytes(lambda: fn(inputs), inputs)
 
 
 @needs_cpu

@@ -32,7 +32,7 @@ import argparse
 import json
 import os
 import tempfile
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -214,21 +214,7 @@ def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
 def _saved_bytes(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                  exclude: Sequence[torch.Tensor]) -> int:
     """Bytes autograd saves for backward, not counting tensors that exist anyway (inputs)."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen, total = set(), 0
-
-    def pack(t):
-        nonlocal total
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip and ptr not in seen:
-            seen.add(ptr)
-            total += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = fn(x)
-    del y
-    return total
+    return common.saved_tensor_bytes(lambda: fn(x), exclude)
 
 
 def _memory(setup: _Setup, case: str) -> Dict[str, Any]:

@@ -35,7 +35,7 @@ __all__ = [
     'add_common_args', 'setup_from_args', 'resolve_device', 'synchronize', 'Progress',
     'time_interleaved', 'summarize', 'format_table', 'machine_info', 'write_json',
     'max_rel_err', 'randomize_', 'calibrate_bn_', 'peak_memory', 'resolve_detector_config',
-    'build_detector_from_config', 'run_isolated', 'fmt_ms',
+    'build_detector_from_config', 'run_isolated', 'fmt_ms', 'saved_tensor_bytes',
 ]
 
 
@@ -436,3 +436,23 @@ def run_isolated(target: str, timeout: float = 1800, **kwargs) -> Any:
     if status != 'ok':
         raise RuntimeError(f'{target} failed in its subprocess:\n{result}')
     return result
+
+
+def saved_tensor_bytes(call: Callable[[], Any], exclude: Sequence[torch.Tensor] = ()) -> int:
+    """Bytes autograd saves for backward while ``call()`` runs, each storage counted once and
+    the storages of ``exclude`` (inputs, weights: they exist anyway) not at all."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip and ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = call()
+    del out
+    return total
