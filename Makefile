@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean-venv
+.PHONY: setup demo test lint clean-venv
 
 setup:
 	bash scripts/setup_env.sh
@@ -13,6 +13,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# pyflakes, import order, bugbear and style (configuration: pyproject.toml)
+lint: setup
+	.venv/bin/ruff check .
 
 clean-venv:
 	rm -rf .venv

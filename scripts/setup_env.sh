@@ -11,7 +11,8 @@
 #   VENV          venv path (default: <repo>/.venv)
 #   EVIT_CACHE    wheel cache (default: ${XDG_CACHE_HOME:-~/.cache}/efficientvit_det)
 #   FORCE_CUDA=1  build mmcv's CUDA ops too (needs nvcc and CUDA_HOME; automatic when
-#                 torch sees a GPU). The cache key then says "cuda".
+#                 torch sees a GPU). The cache key and the ready stamp then say "cudaXY".
+#   TORCH_CUDA_ARCH_LIST  GPU archs of that build (default: the visible GPU's, e.g. "9.0")
 #   MAX_JOBS      parallel compile jobs (default: number of cores)
 set -euo pipefail
 
@@ -27,14 +28,38 @@ TORCHVISION_VERSION=0.29.1
 MMCV_VERSION=2.1.0
 
 log()  { printf '[setup] %s\n' "$*"; }
+
+# nvcc must compile for the CUDA release torch was built with (e.g. 13.0 for the cu130 wheel).
+check_nvcc_matches_torch() {
+  local torch_cuda nvcc_cuda nvcc="${CUDA_HOME:+$CUDA_HOME/bin/}nvcc"
+  torch_cuda="$("$PY" -c 'import torch; print(torch.version.cuda or "")')"
+  command -v "$nvcc" >/dev/null || fail "building mmcv's CUDA ops needs nvcc (CUDA $torch_cuda): install the CUDA toolkit $torch_cuda and set CUDA_HOME"
+  nvcc_cuda="$("$nvcc" --version | sed -n 's/.*release \([0-9]*\.[0-9]*\).*/\1/p')"
+  if [[ "${nvcc_cuda%%.*}" != "${torch_cuda%%.*}" ]]; then
+    fail "nvcc is CUDA $nvcc_cuda but torch $TORCH_VERSION is built for CUDA $torch_cuda: point CUDA_HOME at a CUDA $torch_cuda toolkit"
+  elif [[ "$nvcc_cuda" != "$torch_cuda" ]]; then
+    log "warning: nvcc is CUDA $nvcc_cuda, torch uses $torch_cuda (same major: usually works)"
+  fi
+}
 fail() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 trap 'fail "step failed at line $LINENO (see the output above); the venv is NOT marked ready"' ERR
 
 STAMP="$VENV/.efficientvit_det_ready"
-# The stamp records the inputs of the set-up; any change re-runs it.
-SIGNATURE="$(cat "$ROOT/scripts/setup_env.sh" "$ROOT/requirements.txt" "$ROOT/setup.py" | sha256sum | cut -c1-16)-${FORCE_CUDA:-0}"
+INPUTS="$(cat "$ROOT/scripts/setup_env.sh" "$ROOT/requirements.txt" "$ROOT/setup.py" | sha256sum | cut -c1-16)"
 
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$SIGNATURE" ]] \
+# cpu, or cudaXY when mmcv must be built with CUDA ops (torch sees a GPU, or FORCE_CUDA=1)
+cuda_flavour() {
+  "$1" - <<'PY'
+import os, torch
+use_cuda = os.environ.get('FORCE_CUDA') == '1' or torch.cuda.is_available()
+print(f"cuda{(torch.version.cuda or 'none').replace('.', '')}" if use_cuda else 'cpu')
+PY
+}
+
+# The stamp records the inputs of the set-up and the CUDA flavour mmcv was built for: a venv
+# made on a CPU machine is redone on a GPU machine (mmdet's NMS / focal loss need CUDA ops).
+if [[ -f "$STAMP" && -x "$VENV/bin/python" ]] \
+   && [[ "$(cat "$STAMP")" == "$INPUTS-$(cuda_flavour "$VENV/bin/python" 2>/dev/null)" ]] \
    && "$VENV/bin/python" -c "import efficientvit_det, mmcv._ext" 2>/dev/null; then
   log "environment ready ($VENV)"
   exit 0
@@ -50,13 +75,22 @@ log "installing torch $TORCH_VERSION / torchvision $TORCHVISION_VERSION and buil
 "${PIP[@]}" -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 
 # --- mmcv 2.1.0 with compiled ops -------------------------------------------------------
-CUDA_TAG=cpu
-if [[ "${FORCE_CUDA:-0}" == 1 ]] || "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  CUDA_TAG="cuda$("$PY" -c 'import torch; print(torch.version.cuda or "none")')"
+CUDA_TAG="$(cuda_flavour "$PY")"
+if [[ "$CUDA_TAG" != cpu ]]; then
   export FORCE_CUDA=1
+  check_nvcc_matches_torch
+  if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+    # only the visible GPU's arch: an all-arch build takes hours
+    TORCH_CUDA_ARCH_LIST="$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || true)"
+    [[ -n "$TORCH_CUDA_ARCH_LIST" ]] || fail "FORCE_CUDA=1 without a visible GPU: set TORCH_CUDA_ARCH_LIST, e.g. \"8.0;9.0\""
+    export TORCH_CUDA_ARCH_LIST
+  fi
+  log "building mmcv's CUDA ops for arch ${TORCH_CUDA_ARCH_LIST} ($CUDA_TAG)"
 fi
 KEY="$("$PY" -c 'import sys,sysconfig; print(f"cp{sys.version_info[0]}{sys.version_info[1]}-" + sysconfig.get_platform().replace("-", "_"))')"
-WHEEL_DIR="$CACHE/mmcv-$MMCV_VERSION-torch$TORCH_VERSION-$CUDA_TAG-$KEY"
+ARCH_TAG=""
+[[ "$CUDA_TAG" == cpu ]] || ARCH_TAG="-sm$(echo "$TORCH_CUDA_ARCH_LIST" | tr -d '. ' | tr ';' '_')"
+WHEEL_DIR="$CACHE/mmcv-$MMCV_VERSION-torch$TORCH_VERSION-$CUDA_TAG$ARCH_TAG-$KEY"
 mkdir -p "$WHEEL_DIR"
 
 if ! ls "$WHEEL_DIR"/mmcv-*.whl >/dev/null 2>&1; then
@@ -76,7 +110,7 @@ else
 fi
 "${PIP[@]}" -q --force-reinstall --no-deps "$WHEEL_DIR"/mmcv-*.whl
 
-log "installing mmengine, mmdet, timm and the test tools"
+log "installing mmengine, mmdet, timm, ruff and the test tools"
 "${PIP[@]}" -q -r "$ROOT/requirements.txt" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 "${PIP[@]}" -q --no-deps --no-build-isolation -e "$ROOT"
 
@@ -89,5 +123,5 @@ import efficientvit_det  # noqa: F401
 print(f"[setup] torch {torch.__version__}, mmcv {mmcv.__version__} (ops ok), "
       f"mmengine {mmengine.__version__}, mmdet {mmdet.__version__}, timm {timm.__version__}")
 PYCHECK
-echo "$SIGNATURE" > "$STAMP"
+echo "$INPUTS-$CUDA_TAG" > "$STAMP"
 log "environment ready ($VENV)"

@@ -1,32 +1,11 @@
-"""Shared test utilities: randomised models and timm <-> MSRA key renaming."""
+"""Test-only utilities: timm <-> MSRA key renaming, timm stage outputs, a relative closeness
+assert (randomised weights and oracles shared with the benchmarks: efficientvit_det.testing)."""
 from __future__ import annotations
 
 import re
 from typing import Dict
 
-import torch
 from torch import Tensor, nn
-
-
-@torch.no_grad()
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Randomise every parameter and BN statistic (zero-init branches would hide errors)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith('attention_biases'):
-            p.copy_(torch.randn(p.shape, generator=g))
-        elif p.dim() > 1:
-            fan_in = p[0].numel()
-            p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
-        elif name.endswith('bn.weight') or name.endswith('.weight'):
-            p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-        else:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model
 
 
 def timm_to_msra(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:

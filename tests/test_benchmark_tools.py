@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from efficientvit_det.benchmarks import backbone, common, detector, flops
+from benchmarks import backbone, common, detector, flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One thread: on a loaded 2-core machine, tiny ops with 2 OpenMP threads wait on descheduled
@@ -43,12 +43,12 @@ def test_peak_memory_cpu_sees_a_64mb_tensor():
 
 
 def test_dispatcher():
-    script = os.path.join(ROOT, 'tools', 'benchmark.py')
-    out = subprocess.run([sys.executable, script], capture_output=True, text=True)
+    cmd = [sys.executable, '-m', 'benchmarks']  # from the repository root, as documented
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2
-    for cmd in ('attention', 'backbone', 'detector', 'train-step', 'flops'):
-        assert cmd in out.stdout
-    bad = subprocess.run([sys.executable, script, 'nope'], capture_output=True, text=True)
+    for name in ('attention', 'backbone', 'detector', 'train-step', 'flops', 'onnx'):
+        assert name in out.stdout
+    bad = subprocess.run([*cmd, 'nope'], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and 'unknown sub-command' in bad.stderr
 
 
@@ -135,24 +135,19 @@ def test_hand_count_of_every_arch_is_close_to_the_paper(arch):
     assert abs(macs['total'] / (flops.PAPER[arch]['flops_m'] * 1e6) - 1) < 0.02
 
 
-def test_get_flops_script_help():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'get_flops.py'), '-h'],
-                         capture_output=True, text=True)
+def test_flops_subcommand_help():
+    out = subprocess.run([sys.executable, '-m', 'benchmarks', 'flops', '-h'],
+                         capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and '--shape' in out.stdout and '--detector' in out.stdout
 
 
 def test_attention_subcommand_is_routed(tmp_path):
-    pytest.importorskip('efficientvit_det.benchmarks.attention')
-    sys.path.insert(0, os.path.join(ROOT, 'tools'))
-    try:
-        import benchmark as tool
-    finally:
-        sys.path.pop(0)
+    from benchmarks.__main__ import main
     out = tmp_path / 'attn.json'
-    assert tool.main(['attention', '--stages', 'stage3', '--cases', 'reference,fused',
+    assert main(['attention', '--stages', 'stage3', '--cases', 'reference,fused',
                       '--no-compile', '--no-backward', '--no-memory', '--json', str(out),
                       *TINY]) == 0
-    assert 'stage3' in load(out)['stages']
+    assert 'stage3/fp32/B1' in load(out)['stages']
 
 
 @pytest.fixture(autouse=True)

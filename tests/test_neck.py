@@ -20,7 +20,7 @@ def backbone_maps(batch=2, h=800, w=1344, channels=M4):
 
 
 @pytest.mark.parametrize('trans, num_outs, extra, expected_strides', [
-    (1, 5, 'on_input', [8, 16, 32, 64, 128]),     # RetinaNet m4 (REFERENCE.md)
+    (1, 5, 'on_input', [8, 16, 32, 64, 128]),     # RetinaNet m4
     (2, 5, False, [4, 8, 16, 32, 64]),            # Mask R-CNN m4
     (0, 4, 'on_input', [16, 32, 64, 128]),        # no trans conv (the original crashed here)
     (0, 5, False, [16, 32, 64, 128, 256]),        # max-pool extras
@@ -53,3 +53,20 @@ def test_channel_mismatch_names_the_fix():
                              num_outs=5, num_extra_trans_convs=1, add_extra_convs='on_input'))
     with pytest.raises(ValueError, match=r'set neck.in_channels=\[128, 256, 384\]'):
         neck(backbone_maps(batch=1, h=320, w=320))
+
+
+@pytest.mark.parametrize('trans', [0, 1, 2])
+def test_upsample_scale_factor_equals_size_upsampling(trans):
+    """mmdet's documented ``upsample_cfg=dict(scale_factor=2)`` works (maps that halve exactly:
+    the same result as upsampling to the finer map's size)."""
+    kwargs = dict(type='EfficientViTFPN', in_channels=M4, out_channels=32, num_outs=5,
+                  num_extra_trans_convs=trans, add_extra_convs='on_input')
+    by_size = MODELS.build(kwargs)
+    by_factor = MODELS.build(dict(kwargs, upsample_cfg=dict(scale_factor=2, mode='nearest')))
+    by_factor.load_state_dict(by_size.state_dict())
+    inputs = backbone_maps(batch=1, h=512, w=1024)
+    with torch.no_grad():
+        expected, got = by_size(inputs), by_factor(inputs)
+    assert len(got) == 5
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)

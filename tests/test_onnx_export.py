@@ -22,14 +22,22 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import assert_close_rel
 from torch import nn
 
-from helpers import assert_close_rel, randomize_
-
-from efficientvit_det.deploy import (build_bbox_head, export_onnx, fuse_for_deploy, load_model,
-                                     make_session, postprocess, preprocess_images, read_metadata,
-                                     run_session)
+from efficientvit_det.apis import init_detector
+from efficientvit_det.deploy import (
+    build_bbox_head,
+    deploy_model,
+    export_onnx,
+    make_session,
+    postprocess,
+    preprocess_images,
+    read_metadata,
+    run_session,
+)
 from efficientvit_det.deploy.onnx_export import DetectorRawOutputs
+from efficientvit_det.testing import randomize_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -100,7 +108,7 @@ def randomize_well_conditioned_(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def build_random_detector(cfg, seed=0):
-    model, _ = load_model(cfg)
+    model = init_detector(cfg)
     return randomize_well_conditioned_(model, seed)
 
 
@@ -142,7 +150,7 @@ def detector_pair():
     init_default_scope('mmdet')
     cfg = make_cfg()
     model = build_random_detector(cfg, seed=0)
-    deploy = fuse_for_deploy(copy.deepcopy(model))
+    deploy = deploy_model(copy.deepcopy(model))
     return cfg, model, deploy
 
 
@@ -196,7 +204,7 @@ def test_backbone_graph_is_dynamic_and_bn_free(backbone_onnx):
 # --------------------------------------------------------------------------------------------
 # detector
 # --------------------------------------------------------------------------------------------
-def test_fuse_for_deploy_is_exact_and_removes_every_bn(detector_pair):
+def test_deploy_model_is_exact_and_removes_every_bn(detector_pair):
     _, model, deploy = detector_pair
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in deploy.modules())
     x = torch.randn(1, 3, *OTHER_HW, generator=torch.Generator().manual_seed(3))
@@ -204,11 +212,11 @@ def test_fuse_for_deploy_is_exact_and_removes_every_bn(detector_pair):
         assert_close_rel(a, e, 2e-5, 'fused vs unfused')
 
 
-def test_fuse_for_deploy_folds_head_batchnorm():
+def test_deploy_model_folds_head_batchnorm():
     cfg = make_cfg(head_norm=dict(type='BN', requires_grad=True))
     model = build_random_detector(cfg, seed=1)
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.bbox_head.modules())
-    deploy = fuse_for_deploy(copy.deepcopy(model))
+    deploy = deploy_model(copy.deepcopy(model))
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in deploy.modules())
     x = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(4))
     for e, a in zip(raw_outputs(model, x), raw_outputs(deploy, x)):
@@ -273,16 +281,16 @@ def test_postprocess_rejects_backbone_outputs():
         postprocess({'feat_s16': np.zeros((1, 4, 2, 2), np.float32)}, [{}], nn.Identity())
 
 
-def test_load_model_is_strict_and_accepts_backbone_checkpoints(tmp_path):
+def test_init_detector_is_strict_and_accepts_backbone_checkpoints(tmp_path):
     cfg = make_cfg()
-    model, _ = load_model(cfg)
+    model = init_detector(cfg)
     bad = {k: v for k, v in model.state_dict().items() if not k.startswith('bbox_head.')}
     torch.save({'state_dict': bad}, tmp_path / 'partial.pth')
     with pytest.raises(RuntimeError, match='bbox_head'):
-        load_model(cfg, str(tmp_path / 'partial.pth'))
+        init_detector(cfg, str(tmp_path / 'partial.pth'))
     bb = randomize_(copy.deepcopy(model.backbone), seed=7).state_dict()
     torch.save(bb, tmp_path / 'backbone.pth')
-    loaded, _ = load_model(cfg, str(tmp_path / 'backbone.pth'))
+    loaded = init_detector(cfg, str(tmp_path / 'backbone.pth'))
     for k, v in bb.items():
         assert torch.equal(loaded.backbone.state_dict()[k], v), k
 
@@ -355,7 +363,7 @@ def test_cli_export_backbone_only_random_weights(tmp_path):
 
 
 def test_latency_benchmark_smoke(tmp_path, capsys):
-    from efficientvit_det.benchmarks import onnx_latency
+    from benchmarks import onnx_latency
     cfg_file = str(tmp_path / 'cfg.py')
     make_cfg().dump(cfg_file)
     out = str(tmp_path / 'lat.json')

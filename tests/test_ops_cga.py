@@ -1,43 +1,24 @@
-"""Fused cascaded group attention op: every backend against the reference, the reference
-against an independent per-window oracle and against timm's module.
+"""Fused cascaded group attention op: the C++ backend against the reference, the reference
+against an independent per-window oracle and against timm's module, the op's dispatch.
 
-The Triton backend runs on the CPU under ``TRITON_INTERPRET=1`` (set below, before the kernels
-are decorated) on tiny shapes; C++ tests are skipped, saying why, when the extension is not built.
+C++ tests are skipped, saying why, when the extension is not built. The Triton backend has its
+own file (tests/test_ops_triton.py).
 """
 from __future__ import annotations
 
-import importlib
 import math
-import os
 import warnings
 
 import pytest
 import torch
 
-os.environ.setdefault('TRITON_INTERPRET', '1')  # also in conftest.py: before triton is imported
-
-from efficientvit_det.benchmarks.common import saved_tensor_bytes  # noqa: E402
-from efficientvit_det.ops import cga as cga_mod  # noqa: E402
-from efficientvit_det.ops import available_backends, cascaded_group_attention  # noqa: E402
-from efficientvit_det.ops.cga_reference import cga_reference  # noqa: E402
+from efficientvit_det.ops import available_backends, cascaded_group_attention
+from efficientvit_det.ops import cga as cga_mod
+from efficientvit_det.ops.cga_reference import cga_reference
+from efficientvit_det.testing import saved_tensor_bytes
 
 CPU_OK, CPU_WHY = cga_mod.cpu_extension_status()
 needs_cpu = pytest.mark.skipif(not CPU_OK, reason=f'C++ extension not built: {CPU_WHY}')
-
-
-def _triton_module():
-    """cga_triton with interpreted kernels (re-decorated if imported earlier without the env)."""
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # pragma: no cover
-        pytest.skip(f'triton does not import: {exc}')
-    if os.environ.get('TRITON_INTERPRET') != '1':
-        pytest.skip('TRITON_INTERPRET is set to something other than 1 in this environment')
-    from efficientvit_det.ops import cga_triton
-    from triton.runtime.interpreter import InterpretedFunction
-    if not isinstance(cga_triton._cga_fwd_kernel, InterpretedFunction):
-        cga_triton = importlib.reload(cga_triton)
-    return cga_triton
 
 
 # ------------------------------------------------------------------------------------------
@@ -75,7 +56,7 @@ def grads_of(fn, inputs, gy):
     return y.detach(), [t.grad for t in leaves]
 
 
-# (C, heads, kernels) of every stage of m0..m5 (REFERENCE.md section 1), deduplicated
+# (C, heads, kernels) of every stage of m0..m5 (docs/design.md), deduplicated
 STAGES = {
     'm0': [(64, 4, (5, 5, 5, 5)), (128, 4, (5, 5, 5, 5)), (192, 4, (5, 5, 5, 5))],
     'm1': [(128, 2, (7, 5)), (144, 3, (7, 5, 3)), (192, 3, (7, 5, 3))],
@@ -157,9 +138,10 @@ def test_reference_matches_naive_loop(B, C, H, W, heads, kernels, kd, ws):
 @pytest.mark.parametrize('H,W', [(7, 7), (9, 12), (3, 5), (1, 1), (14, 15)])
 def test_reference_matches_timm_windowed(H, W):
     """timm's LocalWindowAttention (pads and windows like the original) on folded weights."""
-    from efficientvit_det.benchmarks.attention import build_timm_attention, fold_timm_attention
+    from efficientvit_det.testing import fold_timm_attention, timm_window_attention
     torch.manual_seed(0)
-    mod = build_timm_attention(C=64, heads=4, kernels=(7, 5, 3, 3), key_dim=16, ws=7, seed=3)
+    mod = timm_window_attention(64, num_heads=4, kernels=(7, 5, 3, 3), key_dim=16, window_size=7,
+                                seed=3)
     mod = mod.double().eval()
     x = torch.randn(2, 64, H, W, dtype=torch.float64)
     p = fold_timm_attention(mod)
@@ -221,7 +203,7 @@ def test_cpu_forward_backward_all_stage_shapes(C, heads, kernels):
 ])
 def test_cpu_every_isa_fp32_and_fp64(cpu_isa, cfg):
     B, C, H, W, heads, kernels, kd, ws = cfg
-    ext = cga_mod._load_cpu_ext()
+    ext = cga_mod._cpu_extension()[0]
     for dtype, tol in ((torch.float32, 3e-5), (torch.float64, 1e-12)):
         ins = make_inputs(B, C, H, W, heads, kernels, kd, ws, dtype, seed=7)
         if heads == 1:  # val_dim 12 != cin 20
@@ -278,16 +260,16 @@ def test_auto_backend_and_listing():
         warnings.simplefilter('ignore')
         assert cga_mod.resolve_backend('auto', x) == expect
         assert cga_mod.resolve_backend('auto', x.double()) == expect
-        assert cga_mod.resolve_backend('auto', x.bfloat16()) == 'reference'
+        assert cga_mod.resolve_backend('auto', x.bfloat16()) == expect
+        assert cga_mod.resolve_backend('auto', x.half()) == 'reference'
     with pytest.raises(ValueError):
         cga_mod.resolve_backend('nope', x)
 
 
 def test_auto_falls_back_to_reference_and_warns_once(monkeypatch):
-    monkeypatch.setattr(cga_mod, '_cpu_ext_tried', True)
-    monkeypatch.setattr(cga_mod, '_cpu_ext', None)
-    monkeypatch.setattr(cga_mod, '_cpu_ext_error', 'ImportError: pretend it is missing')
-    monkeypatch.setattr(cga_mod, '_warned_fallback', False)
+    monkeypatch.setattr(cga_mod, '_cpu_extension',
+                        lambda: (None, 'ImportError: pretend it is missing'))
+    cga_mod._warn_once.cache_clear()
     ins = make_inputs(1, 8, 3, 4, 2, (3, 3), key_dim=4)
     with pytest.warns(RuntimeWarning, match='pretend it is missing'):
         y = cascaded_group_attention(*ins, key_dim=4)
@@ -298,6 +280,8 @@ def test_auto_falls_back_to_reference_and_warns_once(monkeypatch):
     torch.testing.assert_close(y2, y)
     with pytest.raises(RuntimeError, match='pretend it is missing'):
         cascaded_group_attention(*ins, key_dim=4, backend='cpu')
+    with pytest.raises(RuntimeError, match='pretend it is missing'):
+        cascaded_group_attention(*ins, key_dim=4, backend='fused')
 
 
 def test_bad_shapes_rejected():
@@ -341,76 +325,3 @@ def test_fused_saves_nothing_but_inputs():
     fused = _saved_bytes(lambda t: cascaded_group_attention(*t, key_dim=16, backend='cpu'), ins)
     assert fused == 0
     assert ref > 4 * ins[0].numel() * 4  # the reference keeps qkv, attention maps, ...
-
-
-# ------------------------------------------------------------------------------------------
-# Triton backend (interpreter on the CPU)
-# ------------------------------------------------------------------------------------------
-TRITON_CFGS = [
-    (2, 32, 9, 10, 2, (5, 3), 16, 7),     # partial windows, batch 2, persistent loop (3 programs)
-    (1, 48, 3, 5, 3, (3, 3, 1), 16, 7),   # map smaller than a window, 3 heads (cin 16 -> 16)
-    (1, 32, 1, 1, 2, (7, 5), 16, 7),      # 1x1 map
-    (1, 16, 8, 9, 1, (3,), 16, 4),        # one head, 4x4 windows (16 tokens)
-    (1, 96, 5, 6, 3, (7, 5, 3), 16, 7),   # cin 32 padded? no: 32 exact; C tiled by 64
-]
-
-
-@pytest.mark.parametrize('cfg', TRITON_CFGS)
-def test_triton_interpreter_fp32_and_fp64(cfg):
-    ct = _triton_module()
-    B, C, H, W, heads, kernels, kd, ws = cfg
-    for dtype, tol in ((torch.float32, 3e-5), (torch.float64, 1e-12)):
-        ins = make_inputs(B, C, H, W, heads, kernels, kd, ws, dtype, seed=2)
-        gy = torch.randn(B, C, H, W, dtype=dtype, generator=torch.Generator().manual_seed(0))
-        yr, gr = grads_of(lambda t: cga_reference(*t, kd, ws), ins, gy)
-        y = ct.forward(*ins, kd, ws, kd ** -0.5)
-        g = ct.backward(gy, *ins, kd, ws, kd ** -0.5)
-        assert rel_err(y, yr) < tol, dtype
-        for i, (a, b) in enumerate(zip(g, gr)):
-            assert a.shape == b.shape
-            assert rel_err(a.to(dtype), b) < tol, (dtype, i, rel_err(a.to(dtype), b))
-
-
-def test_triton_interpreter_cin_not_power_of_two_and_autograd():
-    """cin = 48 (padded to 64 in the kernel), through the public op and autograd."""
-    _triton_module()
-    ins = make_inputs(1, 96, 4, 9, 2, (5, 3), seed=4)
-    gy = torch.randn(1, 96, 4, 9)
-    yr, gr = grads_of(lambda t: cga_reference(*t, 16, 7), ins, gy)
-    yt, gt = grads_of(lambda t: cascaded_group_attention(*t, key_dim=16, backend='triton'), ins, gy)
-    assert rel_err(yt, yr) < 3e-5
-    for a, b in zip(gt, gr):
-        assert rel_err(a, b) < 3e-5
-
-
-def _interpreter_dot_error(dtype) -> float:
-    """Error of a bare 16x16 ``tl.dot`` in ``dtype`` under the interpreter."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def probe(a_ptr, b_ptr, c_ptr):
-        o = tl.arange(0, 16)
-        a = tl.load(a_ptr + o[:, None] * 16 + o[None, :])
-        b = tl.load(b_ptr + o[:, None] * 16 + o[None, :])
-        tl.store(c_ptr + o[:, None] * 16 + o[None, :], tl.dot(a, b))
-
-    g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(16, 16, generator=g).to(dtype) for _ in range(2))
-    c = torch.empty(16, 16)
-    probe[(1,)](a, b, c)
-    return (c - a.float() @ b.float()).abs().max().item()
-
-
-@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
-def test_triton_interpreter_half_precision(dtype):
-    ct = _triton_module()
-    err = _interpreter_dot_error(dtype)
-    if err > 1e-2:
-        pytest.skip(f'the Triton interpreter itself computes a plain {dtype} tl.dot wrongly '
-                    f'(16x16 probe off by {err:.3g}); cannot test {dtype} without a GPU')
-    ins = make_inputs(1, 32, 7, 9, 2, (5, 3), seed=6)
-    yr = cga_reference(*ins, 16, 7)
-    y = ct.forward(*[t.to(dtype) for t in ins], 16, 7, 0.25)
-    assert y.dtype == dtype
-    assert rel_err(y.float(), yr) < (2e-2 if dtype == torch.bfloat16 else 5e-3)

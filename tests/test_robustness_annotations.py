@@ -6,14 +6,21 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from mmdet.datasets import CocoDataset
 from mmengine.registry import init_default_scope
 
-from efficientvit_det.datasets.coco_checks import (CocoAnnotationError, SafeCocoDataset,
-                                                   check_coco, check_coco_file, main)
+from efficientvit_det.datasets.coco_checks import (
+    CocoAnnotationError,
+    SafeCocoDataset,
+    check_coco,
+    check_coco_file,
+)
 from efficientvit_det.registry import DATASETS
 
 CLASSES = ('cat', 'dog')
@@ -259,12 +266,20 @@ def test_check_coco_does_not_modify_its_input():
     assert len(out['annotations']) == len(d['annotations']) - 2
 
 
-def test_cli(tmp_path, capsys):
+def check_annotations(*args):
+    """tools/check_annotations.py as users run it."""
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools',
+                        'check_annotations.py')
+    return subprocess.run([sys.executable, tool, *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli(tmp_path):
     good = dump(tmp_path, messy_coco(), 'good.json')
-    assert main([good, '--classes', *CLASSES]) == 0
-    assert 'invalid annotation(s) skipped' in capsys.readouterr().out
-    assert main([good, '--classes', *CLASSES, '--strict']) == 1
-    assert 'annotations[' in capsys.readouterr().err
+    r = check_annotations(good, '--classes', *CLASSES)
+    assert r.returncode == 0 and 'invalid annotation(s) skipped' in r.stdout
+    r = check_annotations(good, '--classes', *CLASSES, '--strict')
+    assert r.returncode == 1 and 'annotations[' in r.stderr
     bad = dump(tmp_path, '{"images": [', 'bad.json')
-    assert main([bad]) == 1
-    assert 'bad.json: malformed JSON at line 1' in capsys.readouterr().err
+    r = check_annotations(bad)
+    assert r.returncode == 1 and 'bad.json: malformed JSON at line 1' in r.stderr

@@ -16,8 +16,12 @@ import torch
 from PIL import Image, ImageOps
 
 from efficientvit_det.datasets.coco_checks import SafeCocoDataset
-from efficientvit_det.datasets.robust_loading import (ImageLoadError, RobustLoadImageFromFile,
-                                                      apply_exif_orientation, decode_image)
+from efficientvit_det.datasets.robust_loading import (
+    ImageLoadError,
+    RobustLoadImageFromFile,
+    apply_exif_orientation,
+    decode_image,
+)
 from efficientvit_det.registry import TRANSFORMS
 
 RNG = np.random.default_rng(0)
@@ -244,6 +248,7 @@ def test_tiny_and_extreme_aspect_images_load(hw, tmp_path):
 def _detector():
     from mmdet.registry import MODELS
     from mmengine.config import ConfigDict
+
     import efficientvit_det.models  # noqa: F401
     from efficientvit_det.models.backbones.efficientvit import ARCH_SETTINGS
     dims = list(ARCH_SETTINGS['m0']['embed_dims'])
@@ -253,7 +258,7 @@ def _detector():
                                std=[58.395, 57.12, 57.375], bgr_to_rgb=True,
                                pad_size_divisor=32),
         backbone=dict(type='EfficientViT', arch='m0', out_indices=(2, 3, 4),
-                      attn_impl='reference'),
+                      attn_backend='reference'),
         neck=dict(type='EfficientViTFPN', in_channels=dims, out_channels=32, start_level=0,
                   num_outs=5, num_extra_trans_convs=1, add_extra_convs='on_input'),
         bbox_head=dict(

@@ -14,8 +14,7 @@ import time
 import pytest
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from _workflow_common import (PY, ROOT, TOOLS, load_ckpt, make_dataset,  # noqa: E402
-                              run, write_tiny_config)
+from _workflow_common import PY, ROOT, TOOLS, load_ckpt, make_dataset, run, write_tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope='module')

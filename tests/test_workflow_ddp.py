@@ -8,8 +8,7 @@ import sys
 import torch
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from _workflow_common import (ROOT, TOOLS, free_port, make_dataset, run,  # noqa: E402
-                              write_tiny_config)
+from _workflow_common import ROOT, TOOLS, free_port, make_dataset, run, write_tiny_config  # noqa: E402
 
 HOOK = '''
 import os

@@ -12,10 +12,10 @@ from PIL import Image
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from _workflow_common import FLAGSHIP_CONFIG, ROOT  # noqa: E402
-
-import efficientvit_det  # noqa: E402,F401
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
+
+import efficientvit_det  # noqa: E402,F401
 
 ARCH_CHANNELS = {'m0': [64, 128, 192], 'm1': [128, 144, 192], 'm2': [128, 192, 224],
                  'm3': [128, 240, 320], 'm4': [128, 256, 384], 'm5': [192, 288, 384]}

@@ -4,16 +4,40 @@
     python tools/check_annotations.py ANN.json --classes person car --strict
 
 Exit status 0 when the file is usable (skipped records are counted and named), 1 on an error
-that names the file and the record.
+that names the file and the record.  The checks themselves live in
+``efficientvit_det.datasets.coco_checks`` (shared with the dataset); this is only the CLI.
 """
-import os.path as osp
+import argparse
 import sys
+from typing import Optional, Sequence
 
-_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-if _ROOT not in sys.path:  # run from a checkout without installing the package
-    sys.path.insert(0, _ROOT)
+from efficientvit_det.datasets.coco_checks import CocoAnnotationError, check_coco_file
 
-from efficientvit_det.datasets.coco_checks import main  # noqa: E402
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='Check a COCO-format annotation file')
+    parser.add_argument('ann_file')
+    parser.add_argument('--classes', nargs='+', help='the dataset metainfo classes, in order')
+    parser.add_argument('--strict', action='store_true',
+                        help="on_invalid='raise': the first invalid annotation is an error")
+    parser.add_argument('--no-annotations-ok', action='store_true',
+                        help='accept a file without "annotations" (test set image info)')
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Print the check report; returns the exit status (0 usable, 1 error)."""
+    args = parse_args(argv)
+    try:
+        report = check_coco_file(args.ann_file, classes=args.classes,
+                                 on_invalid='raise' if args.strict else 'skip',
+                                 require_annotations=not args.no_annotations_ok)
+    except (CocoAnnotationError, FileNotFoundError) as e:
+        print(f'ERROR: {e}', file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
 
 if __name__ == '__main__':
     sys.exit(main())

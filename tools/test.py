@@ -1,10 +1,16 @@
-"""Evaluate a trained detector: COCO bbox AP / AP50 / AP75 (pycocotools via CocoMetric).
+"""Evaluate a trained detector: COCO AP (bbox, and segm for Mask R-CNN) via mmdet's CocoMetric.
 
 Examples::
 
     python tools/test.py CONFIG CHECKPOINT
     python tools/test.py CONFIG CHECKPOINT --out results.pkl --show-dir vis/
+    python tools/test.py CONFIG CHECKPOINT --tta          # flip + scales test-time augmentation
     bash tools/dist_test.sh CONFIG CHECKPOINT 8
+
+The model is evaluated in deploy mode (BatchNorms folded; ``--no-fuse`` to opt out) and, with
+``--precision auto`` (the default), in bf16 autocast + channels_last on a CPU that runs bf16
+natively (AMX-BF16 or AVX512-BF16), fp32 elsewhere and on CUDA (``InferenceOptimizationHook``,
+docs/precision.md).
 
 ``--out`` writes the raw predictions (mmdet's DumpDetResults format: one dict per image
 with ``pred_instances`` bboxes / scores / labels); ``--show-dir`` writes each image with its
@@ -13,20 +19,14 @@ ground truth (left) and predictions (right).
 import argparse
 import os
 import os.path as osp
-import sys
 
-_TOOLS = osp.dirname(osp.abspath(__file__))
-_ROOT = osp.dirname(_TOOLS)
-for _p in (_ROOT, _TOOLS):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+from mmengine.config import Config, ConfigDict, DictAction
 
-from mmengine.config import ConfigDict, DictAction  # noqa: E402
-
-from train import load_config, setup_device_for_dist  # noqa: E402  (tools/train.py)
+from efficientvit_det.apis import build_runner, load_config
+from efficientvit_det.precision import PRECISIONS
 
 
-def parse_args(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Test (and evaluate) a detector')
     parser.add_argument('config', help='config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
@@ -38,6 +38,13 @@ def parse_args(argv=None):
     parser.add_argument('--score-thr', type=float, default=0.3,
                         help='score threshold of the boxes drawn with --show/--show-dir')
     parser.add_argument('--wait-time', type=float, default=2, help='--show interval (s)')
+    parser.add_argument('--tta', action='store_true',
+                        help="test-time augmentation: the config's tta_model and tta_pipeline")
+    parser.add_argument('--precision', choices=PRECISIONS, default='auto',
+                        help='auto: bf16 on CPUs with native bf16 (AMX/AVX512-BF16), else fp32 '
+                             '(default: %(default)s)')
+    parser.add_argument('--no-fuse', action='store_true',
+                        help='do not put the model in deploy mode (BatchNorm folding)')
     parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override config entries, xxx=yyy format')
@@ -45,52 +52,71 @@ def parse_args(argv=None):
                         default='none', help='job launcher')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parser.parse_args(argv)
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
+        parser.error('--out must be a .pkl or .pickle file')
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    cfg = load_config(args)
-    cfg.load_from = args.checkpoint
-    cfg.resume = False
+def _draw_predictions(cfg: Config, args: argparse.Namespace) -> None:
+    vis = cfg.default_hooks.get('visualization')
+    if vis is None:
+        raise SystemExit('--show/--show-dir need default_hooks.visualization '
+                         '(DetVisualizationHook) in the config')
+    vis.update(draw=True, score_thr=args.score_thr)
+    if args.show:
+        vis.update(show=True, wait_time=args.wait_time)
+    if args.show_dir:
+        # DetVisualizationHook joins a relative test_out_dir onto work_dir/timestamp
+        os.makedirs(args.show_dir, exist_ok=True)
+        vis['test_out_dir'] = osp.abspath(args.show_dir)
 
+
+def _use_tta(cfg: Config) -> None:
+    if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
+        raise SystemExit('--tta needs tta_model and tta_pipeline in the config')
+    cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
+    cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+
+
+def _dump_predictions(cfg: Config, out: str) -> None:
+    os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
+    dump = ConfigDict(type='DumpDetResults', out_file_path=osp.abspath(out))
+    evaluator = cfg.test_evaluator
+    cfg.test_evaluator = [*evaluator, dump] if isinstance(evaluator, (list, tuple)) \
+        else [evaluator, dump]
+
+
+def _optimize_inference(cfg: Config, args: argparse.Namespace) -> None:
+    """Deploy mode and precision through InferenceOptimizationHook (replacing one the config
+    may already have, so the command line decides)."""
+    hooks = [h for h in cfg.get('custom_hooks', None) or []
+             if str(h.get('type', '')).split('.')[-1] != 'InferenceOptimizationHook']
+    hooks.append(ConfigDict(type='InferenceOptimizationHook', precision=args.precision,
+                            deploy=not args.no_fuse))
+    cfg.custom_hooks = hooks
+
+
+def evaluation_config(args: argparse.Namespace) -> Config:
+    """The config with every command-line option applied."""
+    cfg = load_config(args.config, args.cfg_options)
+    cfg.launcher = args.launcher
+    cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
+        'work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg.load_from, cfg.resume = args.checkpoint, False
     if args.show or args.show_dir:
-        hooks = cfg.default_hooks
-        if 'visualization' not in hooks:
-            raise RuntimeError('--show/--show-dir need default_hooks.visualization '
-                               '(DetVisualizationHook) in the config')
-        vis = hooks['visualization']
-        vis['draw'] = True
-        vis['score_thr'] = args.score_thr
-        if args.show:
-            vis['show'] = True
-            vis['wait_time'] = args.wait_time
-        if args.show_dir:
-            # DetVisualizationHook joins a relative test_out_dir onto work_dir/timestamp;
-            # an absolute path is used as given.
-            os.makedirs(args.show_dir, exist_ok=True)
-            vis['test_out_dir'] = osp.abspath(args.show_dir)
-
+        _draw_predictions(cfg, args)
+    if args.tta:
+        _use_tta(cfg)
     if args.out is not None:
-        if not args.out.endswith(('.pkl', '.pickle')):
-            raise ValueError('--out must be a .pkl or .pickle file')
-        out_dir = osp.dirname(osp.abspath(args.out))
-        os.makedirs(out_dir, exist_ok=True)
-        dump = ConfigDict(type='DumpDetResults', out_file_path=osp.abspath(args.out))
-        evaluator = cfg.test_evaluator
-        if isinstance(evaluator, (list, tuple)):
-            cfg.test_evaluator = list(evaluator) + [dump]
-        else:
-            cfg.test_evaluator = [evaluator, dump]
+        _dump_predictions(cfg, args.out)
+    _optimize_inference(cfg, args)
+    return cfg
 
-    setup_device_for_dist(cfg, args.launcher)
 
-    from mmengine.registry import RUNNERS
-    from mmengine.runner import Runner
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
-    metrics = runner.test()
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    metrics = build_runner(evaluation_config(args)).test()
     if args.out is not None:
         print(f'predictions written to {osp.abspath(args.out)}')
     return metrics

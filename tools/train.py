@@ -6,6 +6,7 @@ Examples::
     python tools/train.py CONFIG --work-dir work_dirs/run1 --resume          # auto-resume
     python tools/train.py CONFIG --resume work_dirs/run1/epoch_3.pth          # given file
     python tools/train.py CONFIG --cfg-options train_dataloader.batch_size=4
+    python tools/train.py CONFIG --amp                                        # mixed precision
     bash tools/dist_train.sh CONFIG 8                                          # DDP
 
 Without CUDA, distributed runs use the gloo backend and CPU DDP automatically.
@@ -13,16 +14,13 @@ Without CUDA, distributed runs use the gloo backend and CPU DDP automatically.
 import argparse
 import os
 import os.path as osp
-import sys
 
-_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-if _ROOT not in sys.path:  # run from a checkout without installing the package
-    sys.path.insert(0, _ROOT)
+from mmengine.config import Config, DictAction
 
-from mmengine.config import Config, DictAction  # noqa: E402
+from efficientvit_det.apis import build_runner, load_config
 
 
-def parse_args(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Train a detector')
     parser.add_argument('config', help='train config file path')
     parser.add_argument('--work-dir', help='where logs and checkpoints go '
@@ -51,124 +49,36 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.resume not in (None, 'auto') and not osp.isfile(args.resume):
         parser.error(f'--resume: no checkpoint at {args.resume}')
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args
 
 
-def _cpu_dist_env(launcher):
-    """RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* for ``launcher`` (as mmengine sets them)."""
-    env = os.environ
-    if launcher == 'slurm':
-        import subprocess
-        env['RANK'] = env['SLURM_PROCID']
-        env['WORLD_SIZE'] = env['SLURM_NTASKS']
-        env['LOCAL_RANK'] = env.get('SLURM_LOCALID', '0')
-        if 'MASTER_ADDR' not in env:
-            node_list = env['SLURM_NODELIST']
-            env['MASTER_ADDR'] = subprocess.getoutput(
-                f'scontrol show hostname {node_list} | head -n1')
-    elif launcher == 'mpi':
-        env['RANK'] = env['OMPI_COMM_WORLD_RANK']
-        env['WORLD_SIZE'] = env['OMPI_COMM_WORLD_SIZE']
-        env['LOCAL_RANK'] = env.get('OMPI_COMM_WORLD_LOCAL_RANK', '0')
-        env.setdefault('MASTER_ADDR', '127.0.0.1')
-    env.setdefault('MASTER_PORT', '29500')
-
-
-def setup_device_for_dist(cfg, launcher):
-    """Use gloo + CPU DDP when CUDA is unavailable (otherwise leave the config alone).
-
-    mmengine's defaults assume one GPU per process (nccl, ``torch.cuda.set_device`` in its
-    launchers, DDP with ``device_ids=[LOCAL_RANK]``); none of that works without CUDA.
-    """
-    import torch
-    if launcher == 'none' or torch.cuda.is_available():
-        return
-    env_cfg = cfg.setdefault('env_cfg', {})
-    dist_cfg = env_cfg.setdefault('dist_cfg', {})
-    dist_cfg['backend'] = 'gloo'
-    wrapper = cfg.get('model_wrapper_cfg') or dict(type='MMDistributedDataParallel')
-    wrapper['device_ids'] = None  # CPU modules: DDP must not get device ids
-    wrapper.setdefault('broadcast_buffers', False)
-    wrapper.setdefault('find_unused_parameters', cfg.get('find_unused_parameters', False))
-    cfg.model_wrapper_cfg = wrapper
-    # Create the process group here (the Runner reuses an existing one), skipping the
-    # launchers' torch.cuda.set_device.
-    import datetime
-
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        _cpu_dist_env(launcher)
-        kwargs = {}
-        if 'timeout' in dist_cfg:
-            kwargs['timeout'] = datetime.timedelta(seconds=dist_cfg['timeout'])
-        dist.init_process_group(backend='gloo', **kwargs)
-
-
-def load_config(args):
-    """The config with ``--cfg-options``, the launcher and the work dir applied (train and test:
-    ``args`` needs ``config``, ``launcher``, ``cfg_options`` and ``work_dir``)."""
-    # importing the package registers our modules and the checkpoint compatibility layer
-    # (configs also name it in custom_imports)
-    import efficientvit_det  # noqa: F401
-
-    cfg = Config.fromfile(args.config)
+def training_config(args: argparse.Namespace) -> Config:
+    """The config with every command-line option applied."""
+    cfg = load_config(args.config, args.cfg_options)
     cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
-    return cfg
-
-
-def build_cfg(args):
-    cfg = load_config(args)
-
+    cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
+        'work_dirs', osp.splitext(osp.basename(args.config))[0])
     if args.amp:
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.loss_scale = 'dynamic'
-
     if args.auto_scale_lr:
-        if 'auto_scale_lr' in cfg and 'base_batch_size' in cfg.auto_scale_lr:
-            cfg.auto_scale_lr.enable = True
-        else:
-            raise RuntimeError('--auto-scale-lr needs auto_scale_lr.base_batch_size in '
-                               'the config')
-
-    if args.resume == 'auto':
+        if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
+            raise SystemExit('--auto-scale-lr needs auto_scale_lr.base_batch_size in the config')
+        cfg.auto_scale_lr.enable = True
+    if args.resume is not None:
         cfg.resume = True
-        cfg.load_from = None  # mmengine then finds work_dir/last_checkpoint
-    elif args.resume is not None:
-        cfg.resume = True
-        cfg.load_from = args.resume
-
+        # 'auto': mmengine finds work_dir/last_checkpoint
+        cfg.load_from = None if args.resume == 'auto' else args.resume
     if args.seed is not None:
         cfg.randomness = dict(seed=args.seed, deterministic=args.deterministic)
-
     if args.no_validate:
-        cfg.val_cfg = None
-        cfg.val_dataloader = None
-        cfg.val_evaluator = None
-
-    setup_device_for_dist(cfg, args.launcher)
+        cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
     return cfg
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    cfg = build_cfg(args)
-
-    from mmengine.registry import RUNNERS
-    from mmengine.runner import Runner
-    if 'runner_type' not in cfg:
-        runner = Runner.from_cfg(cfg)
-    else:
-        runner = RUNNERS.build(cfg)
-    runner.train()
+def main(argv=None) -> None:
+    build_runner(training_config(parse_args(argv))).train()
 
 
 if __name__ == '__main__':

@@ -16,7 +16,6 @@ from typing import Any, List
 import numpy as np
 import torch
 
-
 # HistoryBuffer's built-in statistics; the class registry fills only on first instantiation.
 _HISTORY_BUFFER_STATISTICS = frozenset({'min', 'max', 'current', 'mean'})
 

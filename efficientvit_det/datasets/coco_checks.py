@@ -35,21 +35,19 @@ Counted, kept (never errors):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import math
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from numbers import Number
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from mmdet.datasets import CocoDataset
 from mmengine import fileio
 from mmengine.logging import print_log
 
 from efficientvit_det.registry import DATASETS
+
 from .robust_loading import ImageLoadError
 
 __all__ = ['CocoAnnotationError', 'CocoCheckReport', 'read_coco_json', 'check_coco',
@@ -151,18 +149,53 @@ def read_coco_json(path: str, backend_args: Optional[dict] = None) -> dict:
 
 
 # --------------------------------------------------------------------------------------
-# Checking
+# Field types: the one place that says what a valid id, number or box is
 # --------------------------------------------------------------------------------------
+# Each test tries the exact JSON types first: check_coco runs them for every one of COCO
+# train's 860k annotations.  bool is an int subclass, but True is no id and no coordinate.
+_NUM = (int, float)
+_ID = (int, str)
+
+
 def _is_int(v) -> bool:
     return type(v) is int or (isinstance(v, int) and not isinstance(v, bool))
 
 
-_NUM = (int, float)
-
-
 def _is_num(v) -> bool:
-    return type(v) in (int, float) or (isinstance(v, Number) and not isinstance(v, bool)
-                                       and not isinstance(v, complex))
+    return type(v) in _NUM or (isinstance(v, Number) and not isinstance(v, (bool, complex)))
+
+
+def _is_id(v) -> bool:
+    """An image or annotation id: an integer or a string."""
+    return type(v) in _ID or (isinstance(v, _ID) and not isinstance(v, bool))
+
+
+def _is_bbox(v) -> bool:
+    """``[x, y, width, height]``: 4 numbers (a list, or a tuple in a dict built in Python)."""
+    if type(v) is list and len(v) == 4:
+        x, y, w, h = v
+        if type(x) in _NUM and type(y) in _NUM and type(w) in _NUM and type(h) in _NUM:
+            return True
+    return isinstance(v, (list, tuple)) and len(v) == 4 and all(_is_num(c) for c in v)
+
+
+# --------------------------------------------------------------------------------------
+# Checking, one helper per record kind
+# --------------------------------------------------------------------------------------
+# Dropped before mmdet parses the file; mmdet drops the other skip reasons itself.
+_REMOVED_BEFORE_MMDET = ('unknown_image', 'unknown_category', 'non_finite_bbox')
+
+
+class _Index(NamedTuple):
+    """What the image and category checks found, for checking the annotations."""
+    images: list
+    image_index: Dict          # image id -> position in images
+    category_ids: Dict         # category id -> position in categories
+    selected_ids: set          # ids of the categories in metainfo.classes (all without it)
+
+
+def _error(path: str, msg: str, record: Optional[str] = None) -> CocoAnnotationError:
+    return CocoAnnotationError(f'{path}: {msg}', path=path, record=record)
 
 
 def _describe(kind: str, i: int, rec, keys: Sequence[str]) -> str:
@@ -180,6 +213,187 @@ def _img_desc(i: int, img) -> str:
     return _describe('images', i, img, ('id', 'file_name', 'width', 'height'))
 
 
+def _check_top_level(data, path: str, require_annotations: bool) -> Tuple[list, list, list]:
+    """The three record lists ``(images, categories, annotations)`` of a COCO dict."""
+    if not isinstance(data, dict):
+        raise _error(path, f'the top level is a JSON {type(data).__name__}; a COCO file is an '
+                     'object with "images", "annotations" and "categories"')
+    for key in ('images', 'categories') + (('annotations',) if require_annotations else ()):
+        if key not in data:
+            raise _error(path, f'no "{key}" key at the top level (found: {sorted(data)[:10]})')
+    for key in ('images', 'annotations', 'categories'):
+        if key in data and not isinstance(data[key], list):
+            raise _error(path, f'"{key}" must be a list, got {type(data[key]).__name__}')
+    return data['images'], data['categories'], data.get('annotations', [])
+
+
+def _check_categories(categories: list, path: str) -> Dict:
+    """Category id -> position; errors for a malformed record or a duplicate id."""
+    cat_ids: Dict = {}
+    for i, cat in enumerate(categories):
+        desc = _describe('categories', i, cat, ('id', 'name'))
+        if not isinstance(cat, dict):
+            raise _error(path, f'{desc} is not an object', desc)
+        if not _is_int(cat.get('id')):
+            raise _error(path, f'{desc}: "id" must be an integer', desc)
+        if not isinstance(cat.get('name'), str):
+            raise _error(path, f'{desc}: "name" must be a string', desc)
+        if cat['id'] in cat_ids:
+            raise _error(path, f'{desc}: duplicate category id {cat["id"]} (also categories['
+                         f'{cat_ids[cat["id"]]}])', desc)
+        cat_ids[cat['id']] = i
+    return cat_ids
+
+
+def _check_classes(categories: list, classes: Sequence[str], path: str) -> set:
+    """Ids of the categories named in ``metainfo.classes``.
+
+    mmdet numbers the labels in the file's category order and matches names exactly, so
+    a missing, ambiguous or reordered class would silently mislabel: these are errors.
+    """
+    names = [c['name'] for c in categories]
+    missing = [c for c in classes if c not in names]
+    if missing:
+        raise _error(path, f'metainfo classes {missing} are not among the categories of this '
+                     f'file {names[:30]}{" ..." if len(names) > 30 else ""}: fix '
+                     'metainfo.classes (names must match exactly) or the file')
+    dup = sorted({n for n in names if n in classes and names.count(n) > 1})
+    if dup:
+        raise _error(path, f'categories {dup} appear more than once: each class must match '
+                     'one category')
+    in_file_order = [n for n in names if n in classes]
+    if list(in_file_order) != list(classes):
+        raise _error(path, 'metainfo classes are listed in a different order than the '
+                     'categories of this file; mmdet numbers the labels in the file\'s order, '
+                     f'so class names would be swapped: list them as {tuple(in_file_order)}')
+    return {c['id'] for c in categories if c['name'] in classes}
+
+
+def _check_image(img, desc: str, path: str) -> None:
+    """Errors for an image record without a required field or with a mistyped one."""
+    if not isinstance(img, dict):
+        raise _error(path, f'{desc} is not an object', desc)
+    for key in ('id', 'file_name', 'width', 'height'):
+        if key not in img:
+            raise _error(path, f'{desc} has no "{key}"', desc)
+    if not _is_id(img['id']):
+        raise _error(path, f'{desc}: "id" must be an integer (or a string)', desc)
+    if not isinstance(img['file_name'], str) or not img['file_name']:
+        raise _error(path, f'{desc}: "file_name" must be a non-empty string', desc)
+    for key in ('width', 'height'):
+        if not _is_int(img[key]) or img[key] <= 0:
+            raise _error(path, f'{desc}: "{key}" must be a positive integer, got {img[key]!r}',
+                         desc)
+
+
+def _check_images(images: list, path: str) -> Dict:
+    """Image id -> position; errors for a malformed record or a duplicate id."""
+    img_index: Dict = {}
+    for i, img in enumerate(images):
+        desc = _img_desc(i, img)
+        _check_image(img, desc, path)
+        if img['id'] in img_index:
+            raise _error(path, f'{desc}: duplicate image id {img["id"]!r} (also images['
+                         f'{img_index[img["id"]]}])', desc)
+        img_index[img['id']] = i
+    return img_index
+
+
+def _annotation_fields(ann, i: int, ann_ids: Dict, path: str) -> tuple:
+    """``(id, image_id, category_id, bbox, area)`` of a well-formed annotation record.
+
+    Errors for a missing or mistyped field or a duplicate id; registers the id in
+    ``ann_ids``.  Descriptions are only formatted for a record that is reported, to keep
+    the common, valid case cheap.
+    """
+    if type(ann) is not dict:
+        raise _error(path, f'{_ann_desc(i, ann)} is not an object', _ann_desc(i, ann))
+    try:
+        aid, image_id, cat_id, bbox, area = (ann['id'], ann['image_id'], ann['category_id'],
+                                             ann['bbox'], ann['area'])
+    except KeyError as e:
+        raise _error(path, f'{_ann_desc(i, ann)} has no "{e.args[0]}"',
+                     _ann_desc(i, ann)) from None
+    if not _is_id(aid):
+        raise _error(path, f'{_ann_desc(i, ann)}: "id" must be an integer', _ann_desc(i, ann))
+    if aid in ann_ids:
+        raise _error(path, f'{_ann_desc(i, ann)}: duplicate annotation id {aid!r} (also '
+                     f'annotations[{ann_ids[aid]}])', _ann_desc(i, ann))
+    ann_ids[aid] = i
+    if not _is_bbox(bbox):
+        raise _error(path, f'{_ann_desc(i, ann)}: "bbox" must be [x, y, width, height] '
+                     '(4 numbers)', _ann_desc(i, ann))
+    if not _is_num(area):
+        raise _error(path, f'{_ann_desc(i, ann)}: "area" must be a number', _ann_desc(i, ann))
+    if not _is_int(cat_id):
+        raise _error(path, f'{_ann_desc(i, ann)}: "category_id" must be an integer',
+                     _ann_desc(i, ann))
+    return aid, image_id, cat_id, bbox, area
+
+
+def _box_verdict(bbox, area, category_known: bool, img: dict) -> Optional[str]:
+    """The skip reason of an annotation of a known image, ``'partially_outside'`` for a
+    box that is kept but leaves its image, or ``None`` for a valid one."""
+    x, y, w, h = bbox
+    total = x + y + w + h + area  # NaN or inf anywhere makes total - total non-zero
+    if not category_known:
+        return 'unknown_category'
+    if total - total != 0:
+        return 'non_finite_bbox'
+    if w < 1 or h < 1 or area <= 0:
+        return 'zero_area'
+    iw, ih = img['width'], img['height']
+    if x + w <= 0 or x >= iw or y + h <= 0 or y >= ih:  # no overlap (w, h >= 1)
+        return 'outside_image'
+    if x < 0 or y < 0 or x + w > iw or y + h > ih:
+        return 'partially_outside'
+    return None
+
+
+def _record_invalid(reason: str, desc: str, img: Optional[dict], on_invalid: str,
+                    report: CocoCheckReport, path: str) -> None:
+    """Count a skipped annotation, or (``on_invalid='raise'``) make it an error."""
+    if on_invalid == 'raise':
+        extra = f' of size {img["width"]}x{img["height"]}' if reason == 'outside_image' else ''
+        raise _error(path, f'{desc}: invalid annotation ({reason}{extra}); on_invalid=\'skip\' '
+                     'drops such records instead', desc)
+    report._add(reason, desc)
+
+
+def _check_annotations(annotations: list, index: _Index, on_invalid: str,
+                       report: CocoCheckReport, path: str) -> List[int]:
+    """Check every annotation and count it in ``report``; returns the positions of those
+    to remove before mmdet parses the file."""
+    ann_ids: Dict = {}
+    removed: List[int] = []
+    any_per_image = [0] * len(index.images)
+    valid_per_image = [0] * len(index.images)
+    for i, ann in enumerate(annotations):
+        _, image_id, cat_id, bbox, area = _annotation_fields(ann, i, ann_ids, path)
+        img_i = index.image_index.get(image_id) if _is_id(image_id) else None
+        img = None if img_i is None else index.images[img_i]
+        if img is None:
+            reason = 'unknown_image'
+        else:
+            any_per_image[img_i] += 1
+            reason = _box_verdict(bbox, area, cat_id in index.category_ids, img)
+            if reason == 'partially_outside':  # kept: the pipeline's Resize clips it
+                report.partially_outside += 1
+                reason = None
+        if reason is not None:
+            _record_invalid(reason, _ann_desc(i, ann), img, on_invalid, report, path)
+            if reason in _REMOVED_BEFORE_MMDET:
+                removed.append(i)
+        elif cat_id not in index.selected_ids:
+            report.unselected_category += 1
+        else:
+            valid_per_image[img_i] += 1
+    report.images_without_annotations = sum(1 for n in any_per_image if n == 0)
+    report.images_all_annotations_dropped = sum(
+        1 for n, valid in zip(any_per_image, valid_per_image) if n > 0 and valid == 0)
+    return removed
+
+
 def check_coco(data, path: str = '<dict>', classes: Optional[Sequence[str]] = None,
                on_invalid: str = 'skip',
                require_annotations: bool = True) -> Tuple[dict, CocoCheckReport]:
@@ -192,156 +406,14 @@ def check_coco(data, path: str = '<dict>', classes: Optional[Sequence[str]] = No
     """
     if on_invalid not in ON_INVALID:
         raise ValueError(f'on_invalid must be one of {ON_INVALID}, got {on_invalid!r}')
-
-    def fail(msg: str, record: Optional[str] = None):
-        raise CocoAnnotationError(f'{path}: {msg}', path=path, record=record)
-
-    if not isinstance(data, dict):
-        fail(f'the top level is a JSON {type(data).__name__}; a COCO file is an object with '
-             '"images", "annotations" and "categories"')
-    for key in ('images', 'categories') + (('annotations',) if require_annotations else ()):
-        if key not in data:
-            fail(f'no "{key}" key at the top level (found: {sorted(data)[:10]})')
-    for key in ('images', 'annotations', 'categories'):
-        if key in data and not isinstance(data[key], list):
-            fail(f'"{key}" must be a list, got {type(data[key]).__name__}')
-    images, categories = data['images'], data['categories']
-    annotations = data.get('annotations', [])
+    images, categories, annotations = _check_top_level(data, path, require_annotations)
     report = CocoCheckReport(path=path, num_images=len(images),
                              num_annotations=len(annotations), num_categories=len(categories))
-
-    # -- categories ----------------------------------------------------------------
-    cat_ids: Dict = {}
-    for i, cat in enumerate(categories):
-        desc = _describe('categories', i, cat, ('id', 'name'))
-        if not isinstance(cat, dict):
-            fail(f'{desc} is not an object', desc)
-        if not _is_int(cat.get('id')):
-            fail(f'{desc}: "id" must be an integer', desc)
-        if not isinstance(cat.get('name'), str):
-            fail(f'{desc}: "name" must be a string', desc)
-        if cat['id'] in cat_ids:
-            fail(f'{desc}: duplicate category id {cat["id"]} (also categories['
-                 f'{cat_ids[cat["id"]]}])', desc)
-        cat_ids[cat['id']] = i
-    selected = set(cat_ids)
-    if classes is not None:
-        names = [c['name'] for c in categories]
-        missing = [c for c in classes if c not in names]
-        if missing:
-            fail(f'metainfo classes {missing} are not among the categories of this file '
-                 f'{names[:30]}{" ..." if len(names) > 30 else ""}: fix metainfo.classes '
-                 '(names must match exactly) or the file')
-        dup = sorted({n for n in names if n in classes and names.count(n) > 1})
-        if dup:
-            fail(f'categories {dup} appear more than once: each class must match one category')
-        in_file_order = [n for n in names if n in classes]
-        if list(in_file_order) != list(classes):
-            fail('metainfo classes are listed in a different order than the categories of '
-                 'this file; mmdet numbers the labels in the file\'s order, so class names '
-                 f'would be swapped: list them as {tuple(in_file_order)}')
-        selected = {c['id'] for c in categories if c['name'] in classes}
-
-    # -- images --------------------------------------------------------------------
-    img_index: Dict = {}
-    for i, img in enumerate(images):
-        desc = _img_desc(i, img)
-        if not isinstance(img, dict):
-            fail(f'{desc} is not an object', desc)
-        for key in ('id', 'file_name', 'width', 'height'):
-            if key not in img:
-                fail(f'{desc} has no "{key}"', desc)
-        if not _is_int(img['id']) and not isinstance(img['id'], str):
-            fail(f'{desc}: "id" must be an integer (or a string)', desc)
-        if not isinstance(img['file_name'], str) or not img['file_name']:
-            fail(f'{desc}: "file_name" must be a non-empty string', desc)
-        for key in ('width', 'height'):
-            if not _is_int(img[key]) or img[key] <= 0:
-                fail(f'{desc}: "{key}" must be a positive integer, got {img[key]!r}', desc)
-        if img['id'] in img_index:
-            fail(f'{desc}: duplicate image id {img["id"]!r} (also images['
-                 f'{img_index[img["id"]]}])', desc)
-        img_index[img['id']] = i
-
-    # -- annotations ---------------------------------------------------------------
-    ann_ids: Dict = {}
-    removed: List[int] = []
-    valid_per_image = [0] * len(images)
-    any_per_image = [0] * len(images)
-    for i, ann in enumerate(annotations):
-        # The common, valid case is kept cheap (860k records in COCO train): record
-        # descriptions are only formatted for a record that is reported.
-        if type(ann) is not dict:
-            fail(f'{_ann_desc(i, ann)} is not an object', _ann_desc(i, ann))
-        try:
-            aid, image_id, cat_id, bbox, area = (ann['id'], ann['image_id'],
-                                                 ann['category_id'], ann['bbox'], ann['area'])
-        except KeyError as e:
-            fail(f'{_ann_desc(i, ann)} has no "{e.args[0]}"', _ann_desc(i, ann))
-        if type(aid) not in (int, str):
-            fail(f'{_ann_desc(i, ann)}: "id" must be an integer', _ann_desc(i, ann))
-        if aid in ann_ids:
-            fail(f'{_ann_desc(i, ann)}: duplicate annotation id {aid!r} (also annotations['
-                 f'{ann_ids[aid]}])', _ann_desc(i, ann))
-        ann_ids[aid] = i
-        if type(bbox) is list and len(bbox) == 4:
-            x, y, w, h = bbox
-            ok = type(x) in _NUM and type(y) in _NUM and type(w) in _NUM and type(h) in _NUM
-        else:
-            ok = False
-        if not ok and not (isinstance(bbox, (list, tuple)) and len(bbox) == 4
-                           and all(_is_num(v) for v in bbox)):
-            fail(f'{_ann_desc(i, ann)}: "bbox" must be [x, y, width, height] (4 numbers)',
-                 _ann_desc(i, ann))
-        if not _is_num(area):
-            fail(f'{_ann_desc(i, ann)}: "area" must be a number', _ann_desc(i, ann))
-        if not _is_int(cat_id):
-            fail(f'{_ann_desc(i, ann)}: "category_id" must be an integer', _ann_desc(i, ann))
-
-        reason = None
-        x, y, w, h = bbox
-        img_i = img_index.get(image_id) if type(image_id) in (int, str) else None
-        if img_i is None:
-            reason = 'unknown_image'
-        else:
-            any_per_image[img_i] += 1
-            total = x + y + w + h + area
-            if cat_id not in cat_ids:
-                reason = 'unknown_category'
-            elif total - total != 0:  # NaN or inf somewhere
-                reason = 'non_finite_bbox'
-            elif w < 1 or h < 1 or area <= 0:
-                reason = 'zero_area'
-            else:
-                img = images[img_i]
-                iw, ih = img['width'], img['height']
-                if x + w <= 0 or x >= iw or y + h <= 0 or y >= ih:  # no overlap (w, h >= 1)
-                    reason = 'outside_image'
-                elif x < 0 or y < 0 or x + w > iw or y + h > ih:
-                    report.partially_outside += 1
-        if reason is not None:
-            desc = _ann_desc(i, ann)
-            if on_invalid == 'raise':
-                extra = ''
-                if reason == 'outside_image':
-                    im = images[img_i]
-                    extra = f' of size {im["width"]}x{im["height"]}'
-                fail(f'{desc}: invalid annotation ({reason}{extra}); on_invalid=\'skip\' '
-                     'drops such records instead', desc)
-            report._add(reason, desc)
-            if reason in ('unknown_image', 'unknown_category', 'non_finite_bbox'):
-                removed.append(i)
-            continue
-        if cat_id not in selected:
-            report.unselected_category += 1
-            continue
-        valid_per_image[img_i] += 1
-
-    report.images_without_annotations = sum(
-        1 for i in range(len(images)) if any_per_image[i] == 0)
-    report.images_all_annotations_dropped = sum(
-        1 for i in range(len(images)) if any_per_image[i] > 0 and valid_per_image[i] == 0)
-
+    category_ids = _check_categories(categories, path)
+    selected_ids = (set(category_ids) if classes is None
+                    else _check_classes(categories, classes, path))
+    index = _Index(images, _check_images(images, path), category_ids, selected_ids)
+    removed = _check_annotations(annotations, index, on_invalid, report, path)
     out = dict(data)
     if removed:
         drop = set(removed)
@@ -423,23 +495,3 @@ class SafeCocoDataset(CocoDataset):
                 'remove the file, or use on_error=\'raise\' in the test pipeline',
                 path=path)
         return data
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description='Check a COCO-format annotation file')
-    parser.add_argument('ann_file')
-    parser.add_argument('--classes', nargs='+', help='the dataset metainfo classes, in order')
-    parser.add_argument('--strict', action='store_true',
-                        help="on_invalid='raise': the first invalid annotation is an error")
-    parser.add_argument('--no-annotations-ok', action='store_true',
-                        help='accept a file without "annotations" (test set image info)')
-    args = parser.parse_args(argv)
-    try:
-        report = check_coco_file(args.ann_file, classes=args.classes,
-                                 on_invalid='raise' if args.strict else 'skip',
-                                 require_annotations=not args.no_annotations_ok)
-    except (CocoAnnotationError, FileNotFoundError) as e:
-        print(f'ERROR: {e}', file=sys.stderr)
-        return 1
-    print(report.summary())
-    return 0

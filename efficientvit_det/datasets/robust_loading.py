@@ -186,18 +186,8 @@ def _header_size(buf: bytes) -> Optional[Tuple[int, int]]:
         return None
 
 
-def decode_image(buf: bytes, path: str = '<bytes>', *, exif_orientation: str = 'auto',
-                 expected_hw: Optional[Tuple[int, int]] = None, check_size: bool = True,
-                 uint16_scaling: str = 'full',
-                 alpha_background: Optional[Sequence[int]] = None,
-                 color_type: str = 'color',
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Tuple[np.ndarray, dict]:
-    """Decode encoded image bytes to uint8 BGR (H x W x 3) or grayscale (H x W).
-
-    Returns ``(img, info)`` with ``info`` = ``dict(orientation=int, exif_applied=bool,
-    exif_ignored_for_annotations=bool)``.  Raises :class:`ImageLoadError` (and nothing
-    else) for data that cannot be used.
-    """
+def _check_encoded(buf, path: str, max_pixels: int) -> bytes:
+    """Refuse what is not encoded image data before any decoder sees it."""
     if not isinstance(buf, (bytes, bytearray, memoryview)):
         raise _error(path, f'expected encoded bytes, got {type(buf).__name__}')
     buf = bytes(buf)
@@ -208,11 +198,17 @@ def decode_image(buf: bytes, path: str = '<bytes>', *, exif_orientation: str = '
     if size is not None and size[0] * size[1] > max_pixels:
         raise _error(path, f'the header claims {size[0]}x{size[1]} pixels, more than '
                      f'max_pixels={max_pixels} (a damaged header, or raise max_pixels)')
+    return buf
+
+
+def _decode_stored_pixels(buf: bytes, path: str, max_pixels: int) -> np.ndarray:
+    """The stored pixels (no EXIF rotation) at their own depth and channels: OpenCV, then
+    Pillow for what OpenCV cannot decode; errors name both decoders' reasons."""
     raw = None
     cv_reason = 'not decodable'
     try:
         # IMREAD_UNCHANGED keeps depth, channels and alpha and ignores the EXIF
-        # orientation: the orientation decision is ours (below).
+        # orientation: the orientation decision is ours (_exif_decision).
         raw = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_UNCHANGED)
     except Exception as e:  # pragma: no cover - OpenCV returns None for most bad data
         cv_reason = str(e).strip().splitlines()[-1]
@@ -229,34 +225,47 @@ def decode_image(buf: bytes, path: str = '<bytes>', *, exif_orientation: str = '
     channels = 1 if raw.ndim == 2 else raw.shape[2]
     if channels not in (1, 2, 3, 4):
         raise _error(path, f'{channels}-channel image is not supported (1 to 4 channels)')
+    return raw
 
-    # -- orientation ---------------------------------------------------------------
-    orientation = read_exif_orientation(buf)
-    stored_hw = tuple(raw.shape[:2])
-    upright_hw = stored_hw[::-1] if orientation in _SWAPS_AXES else stored_hw
-    ignored_for_annotations = False
-    if exif_orientation == 'ignore':
-        apply = False
-    elif exif_orientation == 'apply':
-        apply = True
-    else:  # auto
-        apply = True
-        if expected_hw is not None and orientation in _SWAPS_AXES \
-                and tuple(expected_hw) == stored_hw and tuple(expected_hw) != upright_hw:
-            apply = False
-            ignored_for_annotations = True
-    img = apply_exif_orientation(raw, orientation) if apply else raw
-    if check_size and expected_hw is not None and tuple(img.shape[:2]) != tuple(expected_hw):
-        h, w = img.shape[:2]
-        hint = ''
-        if orientation != 1 and tuple(expected_hw) in (stored_hw, upright_hw):
-            hint = (f'; the file has EXIF orientation {orientation}: set exif_orientation='
-                    f"'{'ignore' if apply else 'apply'}' if the annotations are in that frame")
-        raise _error(path, f'decoded size {w}x{h} (WxH) does not match the annotation record '
-                     f'{expected_hw[1]}x{expected_hw[0]}: its boxes would be in another frame'
-                     f'{hint} (check_size=False disables this check)')
 
-    # -- depth and channels --------------------------------------------------------
+def _upright_hw(stored_hw: Tuple[int, int], orientation: int) -> Tuple[int, int]:
+    return stored_hw[::-1] if orientation in _SWAPS_AXES else stored_hw
+
+
+def _exif_decision(mode: str, orientation: int, stored_hw: Tuple[int, int],
+                   expected_hw: Optional[Tuple[int, int]]) -> Tuple[bool, bool]:
+    """``(apply, ignored_for_annotations)`` for the EXIF tag (module docstring): ``'auto'``
+    applies it unless the annotation record has the stored, un-rotated size."""
+    if mode == 'ignore':
+        return False, False
+    if mode == 'apply':
+        return True, False
+    if expected_hw is not None and orientation in _SWAPS_AXES \
+            and tuple(expected_hw) == stored_hw \
+            and tuple(expected_hw) != _upright_hw(stored_hw, orientation):
+        return False, True
+    return True, False
+
+
+def _check_decoded_size(img: np.ndarray, expected_hw: Tuple[int, int], orientation: int,
+                        stored_hw: Tuple[int, int], applied: bool, path: str) -> None:
+    """Boxes drawn on another frame than the decoded one would be wrong: refuse, and say
+    which ``exif_orientation`` gives the record's frame when one does."""
+    if tuple(img.shape[:2]) == tuple(expected_hw):
+        return
+    h, w = img.shape[:2]
+    hint = ''
+    if orientation != 1 and tuple(expected_hw) in (stored_hw, _upright_hw(stored_hw, orientation)):
+        hint = (f'; the file has EXIF orientation {orientation}: set exif_orientation='
+                f"'{'ignore' if applied else 'apply'}' if the annotations are in that frame")
+    raise _error(path, f'decoded size {w}x{h} (WxH) does not match the annotation record '
+                 f'{expected_hw[1]}x{expected_hw[0]}: its boxes would be in another frame'
+                 f'{hint} (check_size=False disables this check)')
+
+
+def _split_to_uint8(img: np.ndarray, uint16_scaling: str,
+                    path: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """``(color or gray, alpha or None)``, both uint8; gray is returned as H x W."""
     alpha = None
     if img.ndim == 3 and img.shape[2] in (2, 4):  # gray + alpha or BGRA
         img, alpha = img[..., :-1], img[..., -1]
@@ -268,19 +277,52 @@ def decode_image(buf: bytes, path: str = '<bytes>', *, exif_orientation: str = '
         raise _error(path, str(e)) from None
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[..., 0]
-    if alpha is not None and alpha_background is not None:
-        bg = np.asarray(alpha_background, np.float32)[::-1]  # (R, G, B) -> BGR
-        color = img[..., None] if img.ndim == 2 else img
-        if color.shape[2] == 1:
-            color = np.repeat(color, 3, axis=2)
-        a = alpha.astype(np.float32)[..., None] / 255.0
-        img = np.clip(np.rint(color * a + bg * (1.0 - a)), 0, 255).astype(np.uint8)
+    return img, alpha
+
+
+def _composite(img: np.ndarray, alpha: np.ndarray, background: Sequence[int]) -> np.ndarray:
+    """Blend a uint8 gray or BGR image onto an ``(R, G, B)`` background; returns BGR."""
+    bg = np.asarray(background, np.float32)[::-1]  # (R, G, B) -> BGR
+    color = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
+    a = alpha.astype(np.float32)[..., None] / 255.0
+    return np.clip(np.rint(color * a + bg * (1.0 - a)), 0, 255).astype(np.uint8)
+
+
+def _to_color_type(img: np.ndarray, color_type: str) -> np.ndarray:
+    """3-channel BGR for ``'color'``, H x W for ``'grayscale'``; always contiguous."""
     if color_type == 'grayscale':
         if img.ndim == 3:
             img = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_BGR2GRAY)
     elif img.ndim == 2:
         img = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_GRAY2BGR)
-    img = np.ascontiguousarray(img)
+    return np.ascontiguousarray(img)
+
+
+def decode_image(buf: bytes, path: str = '<bytes>', *, exif_orientation: str = 'auto',
+                 expected_hw: Optional[Tuple[int, int]] = None, check_size: bool = True,
+                 uint16_scaling: str = 'full',
+                 alpha_background: Optional[Sequence[int]] = None,
+                 color_type: str = 'color',
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Tuple[np.ndarray, dict]:
+    """Decode encoded image bytes to uint8 BGR (H x W x 3) or grayscale (H x W).
+
+    Returns ``(img, info)`` with ``info`` = ``dict(orientation=int, exif_applied=bool,
+    exif_ignored_for_annotations=bool)``.  Raises :class:`ImageLoadError` (and nothing
+    else) for data that cannot be used.
+    """
+    buf = _check_encoded(buf, path, max_pixels)
+    raw = _decode_stored_pixels(buf, path, max_pixels)
+    orientation = read_exif_orientation(buf)
+    stored_hw = tuple(raw.shape[:2])
+    apply, ignored_for_annotations = _exif_decision(exif_orientation, orientation, stored_hw,
+                                                    expected_hw)
+    img = apply_exif_orientation(raw, orientation) if apply else raw
+    if check_size and expected_hw is not None:
+        _check_decoded_size(img, expected_hw, orientation, stored_hw, apply, path)
+    img, alpha = _split_to_uint8(img, uint16_scaling, path)
+    if alpha is not None and alpha_background is not None:
+        img = _composite(img, alpha, alpha_background)
+    img = _to_color_type(img, color_type)
     return img, dict(orientation=orientation, exif_applied=apply and orientation != 1,
                      exif_ignored_for_annotations=ignored_for_annotations)
 

@@ -1,16 +1,37 @@
-"""Deployment: deploy-mode (Conv+BN folded) models, ONNX export and post-processing.
+"""Deployment: deploy mode of a detector, ONNX export and the pre-/post-processing around it.
 
-See :mod:`efficientvit_det.deploy.onnx_export` and ``docs/deploy.md``.
+``deploy_model`` (:mod:`.mode`), ``export_onnx`` / ``verify_onnx`` / onnxruntime sessions
+(:mod:`.onnx_export`), ``preprocess_images`` / ``postprocess`` (:mod:`.postprocess`); the
+end-to-end graph with decoding and NMS inside (:mod:`.end2end`, imported on its own); see
+``docs/deploy.md``.
 """
-from .onnx_export import (DEFAULT_OPSET, HEAD_OUTPUT_GROUPS, INPUT_NAME,  # noqa: F401
-                          BackboneOutputs, DetectorRawOutputs, ExportResult, build_bbox_head,
-                          export_onnx, fuse_for_deploy, load_model, make_session,
-                          other_verify_shape, postprocess, preprocess_images, read_metadata,
-                          run_session, verify_onnx)
+from .mode import deploy_model
+from .onnx_export import (
+                          DEFAULT_OPSET,
+                          HEAD_OUTPUT_GROUPS,
+                          INPUT_NAME,
+                          BackboneOutputs,
+                          DetectorRawOutputs,
+                          ExportResult,
+                          export_onnx,
+                          make_session,
+                          other_verify_shape,
+                          read_metadata,
+                          run_session,
+                          verify_onnx,
+)
+from .postprocess import (
+                          build_bbox_head,
+                          class_names,
+                          detections_entry,
+                          onnx_detect,
+                          postprocess,
+                          preprocess_images,
+)
 
 __all__ = [
     'DEFAULT_OPSET', 'HEAD_OUTPUT_GROUPS', 'INPUT_NAME', 'BackboneOutputs', 'DetectorRawOutputs',
-    'ExportResult', 'build_bbox_head', 'export_onnx', 'fuse_for_deploy', 'load_model',
-    'make_session', 'other_verify_shape', 'postprocess', 'preprocess_images', 'read_metadata',
-    'run_session', 'verify_onnx',
+    'ExportResult', 'build_bbox_head', 'class_names', 'deploy_model', 'detections_entry',
+    'export_onnx', 'make_session', 'onnx_detect', 'other_verify_shape', 'postprocess',
+    'preprocess_images', 'read_metadata', 'run_session', 'verify_onnx',
 ]

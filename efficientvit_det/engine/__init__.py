@@ -1,7 +1,8 @@
-"""Training-time robustness: NaN/inf stop, skipped-image counts, mid-epoch exact resume."""
-from .hooks import (NonFiniteLossError, NonFiniteLossHook, SkippedImagesHook,
-                    find_robust_loaders)
+"""Training-time robustness: NaN/inf stop, skipped-image counts, mid-epoch exact resume; deploy
+mode and inference precision in the test loop (``InferenceOptimizationHook``)."""
+from .hooks import NonFiniteLossError, NonFiniteLossHook, SkippedImagesHook, find_robust_loaders
+from .inference_hook import InferenceOptimizationHook
 from .loops import ResumableEpochBasedTrainLoop
 
-__all__ = ['NonFiniteLossError', 'NonFiniteLossHook', 'SkippedImagesHook',
-           'find_robust_loaders', 'ResumableEpochBasedTrainLoop']
+__all__ = ['InferenceOptimizationHook', 'NonFiniteLossError', 'NonFiniteLossHook',
+           'SkippedImagesHook', 'find_robust_loaders', 'ResumableEpochBasedTrainLoop']

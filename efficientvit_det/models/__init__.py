@@ -1,4 +1,5 @@
 from .backbones import EfficientViT
 from .necks import EfficientViTFPN
+from .tta import DetTTAModelWithMasks
 
-__all__ = ['EfficientViT', 'EfficientViTFPN']
+__all__ = ['EfficientViT', 'EfficientViTFPN', 'DetTTAModelWithMasks']

@@ -1,172 +1,273 @@
-"""Public fused windowed cascaded group attention (CGA) op and its backend dispatch.
+"""The public fused windowed cascaded group attention (CGA) op and its backend dispatch.
 
-``cascaded_group_attention`` computes the whole windowed CGA block of EfficientViT
-(REFERENCE.md sections 2-3) straight from an NCHW map, with BatchNorms folded into the weights:
-implicit zero padding to a multiple of the window, window partition, per head the 1x1 qkv conv,
-the depthwise conv on q (zero at window borders), scaled scores plus the (|dy|, |dx|) bias table,
-softmax, cascade into the next head, then ReLU, the 1x1 projection, un-partition and crop. The
+``cascaded_group_attention`` computes the whole windowed CGA block of EfficientViT straight
+from an NCHW map, with BatchNorms folded into the weights: implicit zero padding to a multiple
+of the window, window partition, per head the 1x1 qkv conv, the depthwise conv on q (zero at
+window borders), scaled scores plus the (|dy|, |dx|) bias table, softmax, cascade into the next
+head, then ReLU, the 1x1 projection, un-partition and crop (docs/design.md, "The op"). The
 residual add is not part of the op.
 
-Backends
---------
+Backends (one vocabulary, :data:`BACKENDS`, from the backbone's config to here)
+--------------------------------------------------------------------------------
 ``reference``  plain PyTorch (:mod:`.cga_reference`), the oracle; autograd by PyTorch.
-``cpu``        C++ extension ``efficientvit_det.ops._cga_cpu`` built at install time; float32 and
-               float64, CPU tensors. One task per (image, window) over ``at::parallel_for``; the
-               backward recomputes each window's forward in thread-local buffers, so nothing per
-               window is stored between forward and backward.
-``triton``     Triton kernels (:mod:`.cga_triton`) for CUDA tensors (float32, float16, bfloat16);
-               on CPU tensors only under ``TRITON_INTERPRET=1`` (tests).
-``auto``       CUDA tensor -> ``triton`` if Triton imports, else ``reference``; CPU float32/float64
-               -> ``cpu`` if the extension is built, else ``reference`` (warns once, with the
-               reason); other CPU dtypes -> ``reference``. Tracing / scripting / ONNX export ->
-               ``reference``.
+``cpu``        C++ extension ``efficientvit_det.ops._cga_cpu`` built at install time (CPU
+               tensors: float32, float64, bfloat16 activations with bfloat16 or float32
+               weights; on AVX512-BF16 CPUs the bf16 forward runs its matmuls as bf16 dot
+               products with float32 accumulation). The backward recomputes each
+               window's forward, so nothing per window is stored between forward and backward.
+``triton``     Triton kernels (:mod:`.cga_triton`) for CUDA tensors (float32, float16,
+               bfloat16); on CPU tensors only under ``TRITON_INTERPRET=1`` (tests).
+``fused``      the fused kernel of the tensor's device (``cpu`` or ``triton``); raises if it
+               cannot run.
+``auto``       ``fused`` where it can run for the device and dtype, else ``reference``; if the
+               fused kernel fails to build, compile or launch for a shape class and dtype, that
+               class runs ``reference`` from then on, with one warning giving the reason: an
+               optional fast path never kills a training run. Tracing / ONNX export ->
+               ``reference`` (plain ops that export).
 
-The ``cpu`` and ``triton`` backends run inside one ``torch.autograd.Function`` that saves only
-its inputs; gradients w.r.t. ``x`` and every weight tensor are exact (not differentiable twice).
+``cpu`` and ``triton`` run as one registered torch op, ``torch.ops.efficientvit_det.cga``
+(``torch.library.custom_op`` with a fake implementation and an autograd formula that calls
+``torch.ops.efficientvit_det.cga_backward``), so ``torch.compile`` and ``torch.export`` see
+one node. It saves only its inputs for backward; gradients are not differentiable twice.
+
+Under autocast the input is cast to the autocast dtype, as the reference's first conv would
+do; the weights stay in their dtype (float32 folded BatchNorms) and the kernels accumulate in
+float32.
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import os
 import warnings
-from typing import List, Optional, Tuple
+from types import ModuleType
+from typing import List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .cga_reference import cga_reference, check_cga_args
 
-__all__ = ['cascaded_group_attention', 'available_backends', 'cpu_extension_status',
-           'resolve_backend', 'BACKENDS']
+__all__ = ['BACKENDS', 'check_backend', 'cascaded_group_attention', 'available_backends',
+           'cpu_extension_status', 'resolve_backend']
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ('auto', 'reference', 'cpu', 'triton')
+BACKENDS = ('auto', 'fused', 'reference', 'cpu', 'triton')
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-_cpu_ext = None
-_cpu_ext_error: Optional[str] = None
-_cpu_ext_tried = False
-_warned_fallback = False
+# (backend, dtype, C, heads, K) classes whose fused kernel failed under 'auto': they run the
+# reference from then on (bounded by the few shape classes a model has).
+_FAILED_CLASSES: Set[tuple] = set()
 
 
-def _load_cpu_ext():
-    """Import the C++ extension once; remember why it failed."""
-    global _cpu_ext, _cpu_ext_error, _cpu_ext_tried
-    if not _cpu_ext_tried:
-        _cpu_ext_tried = True
-        if os.environ.get('EVIT_CGA_DISABLE_CPU_EXT', '0') == '1':
-            _cpu_ext_error = 'disabled by EVIT_CGA_DISABLE_CPU_EXT=1'
-        else:
-            try:
-                from . import _cga_cpu  # type: ignore[attr-defined]
-                _cpu_ext = _cga_cpu
-            except Exception as exc:  # ImportError, or OSError for an ABI mismatch
-                _cpu_ext_error = (f'{type(exc).__name__}: {exc} (the extension is built by '
-                                  f'`pip install --no-build-isolation -e .`; a failed build only '
-                                  f'prints a warning)')
-    return _cpu_ext
+def check_backend(backend: str) -> str:
+    """``backend`` if it is one of :data:`BACKENDS`, else a ``ValueError`` naming them."""
+    if backend not in BACKENDS:
+        raise ValueError(f'unknown attention backend {backend!r}; choose one of {BACKENDS}')
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+    logger.warning(message)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_extension() -> Tuple[Optional[ModuleType], str]:
+    """The C++ extension and ``isa=...``, or ``None`` and why it is missing (imported once)."""
+    if os.environ.get('EVIT_CGA_DISABLE_CPU_EXT', '0') == '1':
+        return None, 'disabled by EVIT_CGA_DISABLE_CPU_EXT=1'
+    try:
+        ext = importlib.import_module('efficientvit_det.ops._cga_cpu')
+    except Exception as exc:  # ImportError, or OSError for an ABI mismatch
+        return None, (f'{type(exc).__name__}: {exc} (the extension is built by '
+                      '`pip install --no-build-isolation -e .`; a failed build only warns)')
+    return ext, f'isa={ext.isa()}'
 
 
 def cpu_extension_status() -> Tuple[bool, str]:
     """``(available, detail)``: detail is the ISA in use, or why the extension is missing."""
-    ext = _load_cpu_ext()
-    if ext is None:
-        return False, str(_cpu_ext_error)
-    return True, f'isa={ext.isa()}'
+    ext, detail = _cpu_extension()
+    return ext is not None, detail
 
 
-def _triton_usable(device: torch.device) -> Tuple[bool, str]:
+def _triton_status(device: torch.device) -> Tuple[bool, str]:
+    if device.type != 'cuda' and os.environ.get('TRITON_INTERPRET', '0') != '1':
+        return False, 'triton needs a CUDA tensor (or TRITON_INTERPRET=1 for tests)'
     try:
         import triton  # noqa: F401
-    except Exception as exc:  # pragma: no cover - triton ships with CUDA torch
+    except Exception as exc:  # triton ships with CUDA builds of torch only
         return False, f'triton does not import: {exc}'
+    return True, 'interpreter' if device.type != 'cuda' else ''
+
+
+def _fused_status(device: torch.device, dtype: torch.dtype) -> Tuple[Optional[str], str]:
+    """The fused backend for ``device``/``dtype`` and ``''``, or ``None`` and why not."""
     if device.type == 'cuda':
-        return True, ''
-    if os.environ.get('TRITON_INTERPRET', '0') == '1':
-        return True, 'interpreter'
-    return False, 'triton needs a CUDA tensor (or TRITON_INTERPRET=1 for tests)'
+        ok, why = _triton_status(device)
+        if ok and dtype not in _TRITON_DTYPES:
+            ok, why = False, f'the Triton kernels take {_TRITON_DTYPES}, got {dtype}'
+        return ('triton', '') if ok else (None, why)
+    if device.type == 'cpu':
+        ext, why = _cpu_extension()
+        if ext is not None and dtype not in _CPU_DTYPES:
+            ext, why = None, f'the C++ kernel takes {_CPU_DTYPES}, got {dtype}'
+        return ('cpu', '') if ext is not None else (None, why)
+    return None, f'no fused kernel for {device.type} tensors'
 
 
 def available_backends(device='cpu') -> List[str]:
-    """Backends that can run on ``device`` (besides ``auto``)."""
+    """Concrete backends that can run on ``device`` (besides ``auto`` and ``fused``)."""
     device = torch.device(device)
     out = ['reference']
-    if device.type == 'cpu' and _load_cpu_ext() is not None:
+    if device.type == 'cpu' and _cpu_extension()[0] is not None:
         out.append('cpu')
-    if _triton_usable(device)[0]:
+    if _triton_status(device)[0]:
         out.append('triton')
     return out
 
 
-def _in_export_or_trace() -> bool:
+def _in_trace_or_onnx_export() -> bool:
     if torch.jit.is_scripting() or torch.jit.is_tracing():
         return True
-    onnx = getattr(torch, 'onnx', None)
-    try:
-        return bool(onnx is not None and onnx.is_in_onnx_export())
-    except Exception:  # pragma: no cover
-        return False
+    return bool(torch.onnx.is_in_onnx_export())
 
 
 def resolve_backend(backend: str, x: Tensor) -> str:
-    """Map ``backend`` (maybe ``auto``) to the concrete backend used for ``x``."""
-    global _warned_fallback
-    if backend not in BACKENDS:
-        raise ValueError(f'unknown backend {backend!r}; choose from {BACKENDS}')
-    if backend != 'auto':
+    """The concrete backend (``reference``, ``cpu`` or ``triton``) that runs ``x``."""
+    check_backend(backend)
+    if backend in ('reference', 'cpu', 'triton'):
         return backend
-    if _in_export_or_trace():
+    if backend == 'auto' and _in_trace_or_onnx_export():
         return 'reference'
-    if x.device.type == 'cuda':
-        return 'triton' if _triton_usable(x.device)[0] else 'reference'
-    if x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64):
-        if _load_cpu_ext() is not None:
-            return 'cpu'
-        if not _warned_fallback:
-            _warned_fallback = True
-            msg = (f'efficientvit_det: fused CGA C++ backend unavailable, using the PyTorch '
-                   f'reference instead ({_cpu_ext_error})')
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
-            logger.warning(msg)
+    fused, why = _fused_status(x.device, x.dtype)
+    if fused is not None:
+        return fused
+    if backend == 'fused':
+        raise RuntimeError(f'attention backend "fused" cannot run here: {why}')
+    if x.device.type == 'cpu' and x.dtype in _CPU_DTYPES:  # the extension should be there
+        _warn_once(f'efficientvit_det: fused attention C++ kernel unavailable, using the PyTorch '
+                   f'reference instead ({why})')
     return 'reference'
 
 
-class _FusedCGA(torch.autograd.Function):
-    """Forward/backward through a fused backend; saves only the inputs."""
-
-    @staticmethod
-    def forward(ctx, impl, key_dim, window_size, scale, x, qkv_weight, qkv_bias, dw_weight,
-                dw_bias, attn_bias, proj_weight, proj_bias):
-        y = impl.forward(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attn_bias, proj_weight,
-                         proj_bias, key_dim, window_size, scale)
-        ctx.impl = impl
-        ctx.meta = (key_dim, window_size, scale)
-        ctx.save_for_backward(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attn_bias,
-                              proj_weight, proj_bias)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):
-        key_dim, window_size, scale = ctx.meta
-        saved = ctx.saved_tensors
-        grads = ctx.impl.backward(grad_y.contiguous(), *saved, key_dim, window_size, scale)
-        grads = [g.to(t.dtype) if g.dtype != t.dtype else g for g, t in zip(grads, saved)]
-        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[4:])]
-        return (None, None, None, None, *grads)
+def _require(name: str, x: Tensor) -> None:
+    """Raise with the reason if the explicitly requested backend ``name`` cannot run ``x``."""
+    if name == 'cpu':
+        ext, why = _cpu_extension()
+        if ext is None:
+            raise RuntimeError(f'attention backend "cpu" unavailable: {why}')
+        if x.device.type != 'cpu':
+            raise ValueError(f'attention backend "cpu" needs CPU tensors, got {x.device}')
+        if x.dtype not in _CPU_DTYPES:
+            raise TypeError(f'attention backend "cpu" takes {_CPU_DTYPES}, got {x.dtype}')
+    elif name == 'triton':
+        ok, why = _triton_status(x.device)
+        if not ok:
+            raise RuntimeError(f'attention backend "triton" unavailable: {why}')
+        if x.dtype not in _TRITON_DTYPES:
+            raise TypeError(f'attention backend "triton" takes {_TRITON_DTYPES}, got {x.dtype}')
 
 
-class _CpuImpl:
-    """Adapter of the C++ extension to the _FusedCGA interface."""
+def _kernels(backend: str):
+    """The module implementing ``forward``/``backward`` of a fused backend."""
+    if backend == 'cpu':
+        return _cpu_extension()[0]
+    from . import cga_triton
+    return cga_triton
 
-    @staticmethod
-    def forward(x, *args):
-        return _load_cpu_ext().forward(x, *args)
 
-    @staticmethod
-    def backward(gy, *args):
-        return _load_cpu_ext().backward(gy, *args)
+# ---------------------------------------------------------------------------------------------
+# the registered torch op
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op('efficientvit_det::cga', mutates_args=())
+def _cga_op(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor, dw_weight: Tensor,
+            dw_bias: Tensor, attn_bias: Tensor, proj_weight: Tensor, proj_bias: Tensor,
+            key_dim: int, window_size: int, scale: float, backend: str,
+            fallback: bool) -> Tensor:
+    """``backend``: 'cpu' or 'triton'; ``fallback``: the backward may fall back (``auto``)."""
+    return _kernels(backend).forward(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attn_bias,
+                                     proj_weight, proj_bias, key_dim, window_size, scale)
+
+
+@_cga_op.register_fake
+def _cga_fake(x, *args):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op('efficientvit_det::cga_backward', mutates_args=())
+def _cga_backward_op(grad_y: Tensor, x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor,
+                     dw_weight: Tensor, dw_bias: Tensor, attn_bias: Tensor, proj_weight: Tensor,
+                     proj_bias: Tensor, key_dim: int, window_size: int, scale: float,
+                     backend: str) -> List[Tensor]:
+    inputs = (x, qkv_weight, qkv_bias, dw_weight, dw_bias, attn_bias, proj_weight, proj_bias)
+    grads = _kernels(backend).backward(grad_y, *inputs, key_dim, window_size, scale)
+    # each gradient in its input's dtype (a kernel may accumulate weights in float32)
+    return [g.to(t.dtype).contiguous() for g, t in zip(grads, inputs)]
+
+
+@_cga_backward_op.register_fake
+def _cga_backward_fake(grad_y, *args):
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in args[:8]]
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:8])
+    ctx.meta = tuple(inputs[8:11])
+    ctx.backend, ctx.fallback = inputs[11], inputs[12]
+
+
+def _reference_grads(grad_y: Tensor, inputs: Sequence[Tensor], meta: tuple) -> List[Tensor]:
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in inputs]
+        y = cga_reference(*leaves, *meta)
+        return list(torch.autograd.grad(y, leaves, grad_y))
+
+
+def _cga_grad(ctx, grad_y):
+    inputs = ctx.saved_tensors
+    cls = _shape_class(ctx.backend, *inputs[:2], inputs[3]) + ('backward',)
+    if ctx.fallback and cls in _FAILED_CLASSES:
+        grads = _reference_grads(grad_y, inputs, ctx.meta)
+    else:
+        try:
+            grads = torch.ops.efficientvit_det.cga_backward(grad_y.contiguous(), *inputs,
+                                                            *ctx.meta, ctx.backend)
+        except Exception as exc:  # noqa: BLE001 - the optional kernel; explicit backends raise
+            if not ctx.fallback:
+                raise
+            _FAILED_CLASSES.add(cls)
+            _warn_once(f'efficientvit_det: the {ctx.backend} attention backward kernel failed '
+                       f'for (dtype, C, heads, K)={cls[1:4]}: {type(exc).__name__}: {exc}; its '
+                       'gradients come from the PyTorch reference from now on')
+            grads = _reference_grads(grad_y, inputs, ctx.meta)
+    return (*grads, None, None, None, None, None)
+
+
+_cga_op.register_autograd(_cga_grad, setup_context=_setup_context)
+
+
+def _shape_class(backend: str, x: Tensor, qkv_weight: Tensor, dw_weight: Tensor) -> tuple:
+    return backend, x.dtype, x.shape[1], qkv_weight.shape[0], dw_weight.shape[-1]
+
+
+def _fused_or_reference(args: Sequence[Tensor], meta: tuple, backend: str) -> Tensor:
+    """``auto``: the fused op, or the reference for a shape class whose kernel failed."""
+    cls = _shape_class(backend, args[0], args[1], args[3])
+    if cls in _FAILED_CLASSES:
+        return cga_reference(*args, *meta)
+    try:
+        return _cga_op(*args, *meta, backend, True)
+    except Exception as exc:  # noqa: BLE001 - any failure of the optional kernel
+        _FAILED_CLASSES.add(cls)
+        _warn_once(f'efficientvit_det: the {backend} attention kernel failed for '
+                   f'(dtype, C, heads, K)={cls[1:]}: {type(exc).__name__}: {exc}; this shape '
+                   'class runs the PyTorch reference from now on')
+        return cga_reference(*args, *meta)
 
 
 def cascaded_group_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor, dw_weight: Tensor,
@@ -185,33 +286,22 @@ def cascaded_group_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor, dw
         attn_bias: ``(heads, window_size**2)`` table indexed by ``|dy| * window_size + |dx|``.
         proj_weight: ``(C, heads * val_dim)`` projection, BN folded. proj_bias: ``(C,)``.
         key_dim: q/k dim per head. window_size: window side. scale: default ``key_dim**-0.5``.
-        backend: ``'auto' | 'reference' | 'cpu' | 'triton'`` (see the module docstring).
+        backend: one of :data:`BACKENDS` (see the module docstring).
 
     Returns:
         ``(B, C, H, W)`` (no residual).
     """
     check_cga_args(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attn_bias, proj_weight,
                    proj_bias, key_dim, window_size)
-    if scale is None:
-        scale = key_dim ** -0.5
-    scale = float(scale)
-    key_dim, window_size = int(key_dim), int(window_size)
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    scale = float(key_dim ** -0.5 if scale is None else scale)
+    meta = (int(key_dim), int(window_size), scale)
     args = (x, qkv_weight, qkv_bias, dw_weight, dw_bias, attn_bias, proj_weight, proj_bias)
     name = resolve_backend(backend, x)
     if name == 'reference':
-        return cga_reference(*args, key_dim, window_size, scale)
-    if name == 'cpu':
-        if _load_cpu_ext() is None:
-            raise RuntimeError(f'cga backend "cpu" unavailable: {_cpu_ext_error}')
-        if any(t.device.type != 'cpu' for t in args):
-            raise ValueError('cga backend "cpu" needs CPU tensors')
-        if x.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f'cga backend "cpu" supports float32/float64, got {x.dtype}')
-        impl = _CpuImpl
-    else:  # triton
-        ok, why = _triton_usable(x.device)
-        if not ok:
-            raise RuntimeError(f'cga backend "triton" unavailable: {why}')
-        from . import cga_triton
-        impl = cga_triton
-    return _FusedCGA.apply(impl, key_dim, window_size, scale, *args)
+        return cga_reference(*args, *meta)
+    if backend == 'auto':
+        return _fused_or_reference(args, meta, name)
+    _require(name, x)
+    return _cga_op(*args, *meta, name, False)

@@ -1,8 +1,8 @@
 """Plain PyTorch reference of the windowed cascaded group attention (CGA).
 
 This is the oracle every other backend is tested against. It follows the original
-EfficientViT detection code (REFERENCE.md sections 2-3) with BatchNorms already folded
-into the weights:
+EfficientViT detection code (docs/design.md) with BatchNorms already folded into the
+weights:
 
 1. zero-pad the map bottom/right to a multiple of ``window_size`` (always, also for maps
    smaller than a window), partition into ``ws x ws`` windows (independent items);
@@ -19,33 +19,20 @@ keys and values, exactly like the original. Autograd is PyTorch's own.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ['cga_reference', 'check_cga_args', 'bias_index']
+from .windows import relative_position_index, window_partition, window_reverse
 
-_BIAS_INDEX_CACHE: dict = {}
-
-
-def bias_index(window_size: int, device) -> Tensor:
-    """(N, N) long tensor with ``|dy| * ws + |dx|`` for every (query, key) pair of a window."""
-    key = (window_size, str(device))
-    idx = _BIAS_INDEX_CACHE.get(key)
-    if idx is None:
-        r = torch.arange(window_size)
-        yy, xx = torch.meshgrid(r, r, indexing='ij')
-        yy, xx = yy.reshape(-1), xx.reshape(-1)
-        idx = ((yy[:, None] - yy[None, :]).abs() * window_size
-               + (xx[:, None] - xx[None, :]).abs()).to(device)
-        _BIAS_INDEX_CACHE[key] = idx
-    return idx
+__all__ = ['cga_reference', 'check_cga_args']
 
 
-def check_cga_args(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attn_bias, proj_weight,
-                   proj_bias, key_dim, window_size):
+def check_cga_args(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor, dw_weight: Tensor,
+                   dw_bias: Tensor, attn_bias: Tensor, proj_weight: Tensor, proj_bias: Tensor,
+                   key_dim: int, window_size: int) -> Tuple[int, int, int, int]:
     """Validate shapes; returns ``(heads, cin, val_dim, K)``."""
     if x.dim() != 4:
         raise ValueError(f'x must be (B, C, H, W), got {tuple(x.shape)}')
@@ -88,18 +75,9 @@ def cga_reference(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor, dw_weight: Te
                                             window_size)
     if scale is None:
         scale = key_dim ** -0.5
-    B, C, H, W = x.shape
-    ws = window_size
-    pad_b = (ws - H % ws) % ws
-    pad_r = (ws - W % ws) % ws
-    if pad_b or pad_r:
-        x = F.pad(x, (0, pad_r, 0, pad_b))
-    Hp, Wp = H + pad_b, W + pad_r
-    nh, nw = Hp // ws, Wp // ws
-    # (B, C, nh, ws, nw, ws) -> (B * nh * nw, C, ws, ws)
-    xw = x.view(B, C, nh, ws, nw, ws).permute(0, 2, 4, 1, 3, 5).reshape(-1, C, ws, ws)
+    xw, grid = window_partition(x, window_size)
     chunks = xw.chunk(heads, dim=1)
-    bias = attn_bias[:, bias_index(ws, x.device)]  # (heads, N, N)
+    bias = attn_bias[:, relative_position_index(window_size, x.device)]  # (heads, N, N)
     outs = []
     feat = chunks[0]
     for i in range(heads):
@@ -111,11 +89,8 @@ def cga_reference(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor, dw_weight: Te
         q, k, v = q.flatten(2), k.flatten(2), v.flatten(2)
         attn = (q.transpose(-2, -1) @ k) * scale + bias[i]
         attn = attn.softmax(dim=-1)
-        feat = (v @ attn.transpose(-2, -1)).view(-1, val_dim, ws, ws)
+        feat = (v @ attn.transpose(-2, -1)).view(-1, val_dim, window_size, window_size)
         outs.append(feat)
     y = torch.relu(torch.cat(outs, dim=1))
     y = F.conv2d(y, proj_weight[:, :, None, None], proj_bias)
-    y = y.view(B, nh, nw, C, ws, ws).permute(0, 3, 1, 4, 2, 5).reshape(B, C, Hp, Wp)
-    if pad_b or pad_r:
-        y = y[:, :, :H, :W].contiguous()
-    return y
+    return window_reverse(y, grid, x.shape[2:])

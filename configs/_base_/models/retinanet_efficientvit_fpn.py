@@ -1,5 +1,5 @@
 # RetinaNet with an EfficientViT backbone (m4 by default) and the EfficientViTFPN neck,
-# as in the original EfficientViT detection code (REFERENCE.md section 3).
+# as in the original EfficientViT detection code (docs/design.md).
 # Backbone levels 2/3/4 = stages 1-3 at strides 16/32/64; the neck adds a stride-8 level
 # through a transposed conv and a stride-128 level with a 3x3 s2 conv on the raw stride-64
 # map, giving 5 outputs at strides 8..128 for the head.
@@ -18,7 +18,7 @@ model = dict(
         frozen_stages=-1,
         norm_eval=True,
         with_cp=False,
-        attn_impl='auto'),
+        attn_backend='auto'),
     neck=dict(
         type='EfficientViTFPN',
         in_channels=[128, 256, 384],

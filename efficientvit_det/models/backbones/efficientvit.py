@@ -9,20 +9,22 @@ are not masked), windows are attended independently and the result is cropped.
 """
 from __future__ import annotations
 
+import functools
 import itertools
-import re
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
-from mmengine.logging import MMLogger
 from mmengine.model import BaseModule
 from torch import Tensor, nn
 
+from efficientvit_det.ops import cascaded_group_attention, check_backend
+from efficientvit_det.ops.windows import relative_position_index, window_partition, window_reverse
 from efficientvit_det.registry import MODELS
 
-# Arch presets (REFERENCE.md section 1). ``kernels`` lists one q-dwconv kernel per head
+# Arch presets (docs/design.md, "Model family"). ``kernels`` lists one q-dwconv kernel per head
 # slot; a stage with h heads uses the first h.
 ARCH_SETTINGS: Dict[str, dict] = {
     'm0': dict(embed_dims=(64, 128, 192), depths=(1, 2, 3), num_heads=(4, 4, 4), kernels=(5, 5, 5, 5)),
@@ -37,7 +39,24 @@ ARCH_FIELDS = ('embed_dims', 'depths', 'num_heads', 'kernels')
 # Feature levels that ``out_indices`` selects from.
 LEVELS = ('stem_s4', 'stem_s8', 'stage1', 'stage2', 'stage3')
 LEVEL_STRIDES = (4, 8, 16, 32, 64)
-ATTN_IMPLS = ('auto', 'fused', 'reference')
+
+
+def fold_bn(weight: Tensor, bias: Optional[Tensor],
+            bn: nn.modules.batchnorm._BatchNorm) -> Tuple[Tensor, Tensor]:
+    """Weight and bias of the conv that equals ``bn(conv(x))`` with the BN's running statistics.
+
+    The one place BatchNorm folding is written (backbone ``fuse()``, the fused op's weights,
+    deploy mode of whole detectors). Differentiable, so gradients reach the conv and BN.
+    """
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    if bias is not None:
+        shift = shift + bias * scale
+    return weight * scale.reshape(-1, *([1] * (weight.dim() - 1))), shift
 
 
 class ConvNorm(nn.Sequential):
@@ -53,11 +72,7 @@ class ConvNorm(nn.Sequential):
 
     def fold(self) -> Tuple[Tensor, Tensor]:
         """Differentiable BN folding (valid while the BN uses running statistics)."""
-        bn = self.bn
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        weight = self.conv.weight * scale[:, None, None, None]
-        bias = bn.bias - bn.running_mean * scale
-        return weight, bias
+        return fold_bn(self.conv.weight, None, self.bn)
 
     @torch.no_grad()
     def fuse(self) -> nn.Conv2d:
@@ -70,16 +85,15 @@ class ConvNorm(nn.Sequential):
         return fused
 
 
+@functools.lru_cache(maxsize=None)
 def _onednn_conv_pointwise():
-    """oneDNN's fused conv + pointwise op of CPU torch builds, or None."""
+    """oneDNN's fused conv + pointwise op of CPU torch builds, or None (looked up on first use:
+    a private op, so a torch build without it must still import this module)."""
     try:
         return torch.ops.mkldnn._convolution_pointwise if torch.backends.mkldnn.is_available() \
             else None
-    except (AttributeError, RuntimeError):  # a build without it
+    except (AttributeError, RuntimeError):
         return None
-
-
-_CONV_POINTWISE = _onednn_conv_pointwise()
 
 
 class ConvReLU(nn.Module):
@@ -96,18 +110,19 @@ class ConvReLU(nn.Module):
 
     def _can_fuse(self, x: Tensor) -> bool:
         c = self.conv
-        return (_CONV_POINTWISE is not None and x.device.type == 'cpu' and x.dtype == torch.float32
+        return (x.device.type == 'cpu' and x.dtype == torch.float32
                 and c.weight.dtype == torch.float32 and c.padding_mode == 'zeros'
                 and not isinstance(c.padding, str)
                 and not (torch.is_grad_enabled() and (x.requires_grad or c.weight.requires_grad))
                 and not torch.jit.is_tracing() and not torch.jit.is_scripting()
-                and not torch.onnx.is_in_onnx_export())
+                and not torch.onnx.is_in_onnx_export()
+                and _onednn_conv_pointwise() is not None)
 
     def forward(self, x: Tensor) -> Tensor:
         c = self.conv
         if self._can_fuse(x):
-            return _CONV_POINTWISE(x, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups,
-                                  'relu', [], '')
+            return _onednn_conv_pointwise()(x, c.weight, c.bias, c.padding, c.stride, c.dilation,
+                                            c.groups, 'relu', [], '')
         return torch.relu(c(x))
 
 
@@ -205,7 +220,7 @@ class CascadedGroupAttention(nn.Module):
         self.proj = nn.Sequential(nn.ReLU(), ConvNorm(self.val_dim * num_heads, dim, bn_weight_init=0.))
         n = window_size * window_size
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, n))
-        self.register_buffer('attention_bias_idxs', relative_offset_index(window_size),
+        self.register_buffer('attention_bias_idxs', relative_position_index(window_size),
                              persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -250,69 +265,44 @@ class CascadedGroupAttention(nn.Module):
             proj_weight=proj_w[:, :, 0, 0], proj_bias=proj_b)
 
 
-def relative_offset_index(window_size: int) -> Tensor:
-    """(N, N) index of the (|dy|, |dx|) offset between window positions: |dy|*ws + |dx|."""
-    points = list(itertools.product(range(window_size), range(window_size)))
-    idx = [[abs(p[0] - q[0]) * window_size + abs(p[1] - q[1]) for q in points] for p in points]
-    return torch.tensor(idx, dtype=torch.long)
-
-
-def window_partition(x: Tensor, window_size: int) -> Tuple[Tensor, Tuple[int, int]]:
-    """Zero-pad NCHW bottom/right to multiples of the window; return windows and grid."""
-    b, c, h, w = x.shape
-    pad_b, pad_r = (-h) % window_size, (-w) % window_size
-    x = F.pad(x, (0, pad_r, 0, pad_b))
-    nh, nw = (h + pad_b) // window_size, (w + pad_r) // window_size
-    x = x.view(b, c, nh, window_size, nw, window_size).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b * nh * nw, c, window_size, window_size), (nh, nw)
-
-
-def window_reverse(windows: Tensor, grid: Tuple[int, int], size: Tuple[int, int]) -> Tensor:
-    """Inverse of :func:`window_partition`, cropped to ``size``."""
-    nh, nw = grid
-    n, c, ws, _ = windows.shape
-    b = n // (nh * nw)
-    x = windows.view(b, nh, nw, c, ws, ws).permute(0, 3, 1, 4, 2, 5).reshape(b, c, nh * ws, nw * ws)
-    return x[:, :, :size[0], :size[1]].contiguous()
-
-
 class LocalWindowAttention(nn.Module):
     """Windowed cascaded group attention on a full feature map of any size.
 
     Args:
-        attn_impl: 'reference' runs the original module path (pad, partition, attend,
-            reverse). 'fused' calls the fused op on BN-folded weights; 'auto' does so
-            whenever folding is exact (BN layers in eval mode) and falls back to the
-            reference otherwise.
+        attn_backend: one of :data:`efficientvit_det.ops.BACKENDS`. ``reference`` runs the
+            original's module path (pad, partition, attend, reverse: plain PyTorch, the oracle).
+            The others call the fused op with this very backend on BN-folded weights, which is
+            exact only with eval-mode attention BatchNorms: while they train, ``auto`` runs the
+            module path and the explicit backends raise.
     """
 
     def __init__(self, dim: int, key_dim: int, num_heads: int, window_size: int = 7,
-                 kernels: Sequence[int] = (5, 5, 5, 5), attn_impl: str = 'auto'):
+                 kernels: Sequence[int] = (5, 5, 5, 5), attn_backend: str = 'auto'):
         super().__init__()
-        if attn_impl not in ATTN_IMPLS:
-            raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}')
-        self.attn_impl = attn_impl
+        self.attn_backend = check_backend(attn_backend)
         self.window_size = window_size
         self.attn = CascadedGroupAttention(dim, key_dim, num_heads, window_size, kernels)
 
     def _bn_in_training(self) -> bool:
         return any(m.training for m in self.attn.modules() if isinstance(m, nn.BatchNorm2d))
 
-    def use_fused(self) -> bool:
-        if self.attn_impl == 'reference' or torch.onnx.is_in_onnx_export():
+    def use_fused_op(self) -> bool:
+        """Whether ``forward`` runs the fused op (else the original's module path)."""
+        if self.attn_backend == 'reference' or torch.onnx.is_in_onnx_export():
             return False
         if self._bn_in_training():
-            if self.attn_impl == 'fused':
-                raise RuntimeError("attn_impl='fused' needs the attention BatchNorms in eval mode "
-                                   "(norm_eval=True or model.eval()); use attn_impl='auto'")
+            if self.attn_backend != 'auto':
+                raise RuntimeError(f'attn_backend={self.attn_backend!r} needs the attention '
+                                   'BatchNorms in eval mode (norm_eval=True or model.eval()); '
+                                   "use attn_backend='auto'")
             return False
         return True
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.use_fused():
-            from efficientvit_det.ops import cascaded_group_attention
+        if self.use_fused_op():
             return cascaded_group_attention(x, **self.attn.fused_params(), key_dim=self.attn.key_dim,
-                                            window_size=self.window_size, scale=self.attn.scale)
+                                            window_size=self.window_size, scale=self.attn.scale,
+                                            backend=self.attn_backend)
         windows, grid = window_partition(x, self.window_size)
         return window_reverse(self.attn(windows), grid, x.shape[2:])
 
@@ -321,11 +311,12 @@ class EfficientVitBlock(nn.Module):
     """The sandwich: dw -> FFN -> windowed attention -> dw -> FFN, each residual."""
 
     def __init__(self, dim: int, key_dim: int, num_heads: int, window_size: int,
-                 kernels: Sequence[int], attn_impl: str):
+                 kernels: Sequence[int], attn_backend: str):
         super().__init__()
         self.dw0 = dw_residual(dim, bn_weight_init=0.)
         self.ffn0 = ffn_residual(dim)
-        self.mixer = Residual(LocalWindowAttention(dim, key_dim, num_heads, window_size, kernels, attn_impl))
+        self.mixer = Residual(LocalWindowAttention(dim, key_dim, num_heads, window_size, kernels,
+                                                  attn_backend))
         self.dw1 = dw_residual(dim, bn_weight_init=0.)
         self.ffn1 = ffn_residual(dim)
 
@@ -345,13 +336,13 @@ class EfficientVitDownsample(nn.Sequential):
 
 class EfficientVitStage(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, depth: int, key_dim: int, num_heads: int,
-                 window_size: int, kernels: Sequence[int], downsample: bool, attn_impl: str,
+                 window_size: int, kernels: Sequence[int], downsample: bool, attn_backend: str,
                  with_cp: bool = False):
         super().__init__()
         self.with_cp = with_cp
         self.downsample = EfficientVitDownsample(in_dim, out_dim) if downsample else nn.Identity()
         self.blocks = nn.Sequential(*[
-            EfficientVitBlock(out_dim, key_dim, num_heads, window_size, kernels, attn_impl)
+            EfficientVitBlock(out_dim, key_dim, num_heads, window_size, kernels, attn_backend)
             for _ in range(depth)])
 
     def forward(self, x: Tensor) -> Tensor:
@@ -409,14 +400,17 @@ class EfficientViT(BaseModule):
         frozen_stages: -1 freezes nothing; 0 the stem; k >= 1 the stem and stages 1..k.
         norm_eval: keep every BatchNorm in eval mode while training (as the original).
         with_cp: activation checkpointing per block (saves memory, costs a recompute).
-        attn_impl: 'auto' | 'fused' | 'reference', see :class:`LocalWindowAttention`.
+        attn_backend: the attention backend, one of :data:`efficientvit_det.ops.BACKENDS`
+            (default ``auto``), see :class:`LocalWindowAttention`; change it later with
+            :meth:`set_attn_backend`. ``attn_impl`` is its deprecated old name.
         init_cfg: e.g. ``dict(type='Pretrained', checkpoint=PATH)``; MSRA and timm
             classification checkpoints are both accepted.
     """
 
     def __init__(self, arch: Union[str, dict] = 'm4', out_indices: Sequence[int] = (2, 3, 4),
                  frozen_stages: int = -1, norm_eval: bool = True, with_cp: bool = False,
-                 attn_impl: str = 'auto', in_channels: int = 3, init_cfg: Optional[dict] = None):
+                 attn_backend: str = 'auto', in_channels: int = 3, init_cfg: Optional[dict] = None,
+                 attn_impl: Optional[str] = None):
         super().__init__(init_cfg=init_cfg)
         self.arch_name = arch if isinstance(arch, str) else 'custom'
         self.arch = resolve_arch(arch)
@@ -433,12 +427,15 @@ class EfficientViT(BaseModule):
                              f'(levels {dict(enumerate(LEVELS))}), got {out_indices}')
         if not -1 <= frozen_stages <= 3:
             raise ValueError(f'frozen_stages must be in -1..3, got {frozen_stages}')
-        if attn_impl not in ATTN_IMPLS:
-            raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}')
+        if attn_impl is not None:
+            warnings.warn("EfficientViT(attn_impl=...) is deprecated: use attn_backend "
+                          "(same values, plus 'cpu'/'triton')", DeprecationWarning, stacklevel=2)
+            attn_backend = attn_impl
+        check_backend(attn_backend)
         self.out_indices = out_indices
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
-        self.attn_impl = attn_impl
+        self.attn_backend = attn_backend
         self.window_size = window_size
 
         self.patch_embed = PatchEmbedding(in_channels, dims[0])
@@ -447,7 +444,7 @@ class EfficientViT(BaseModule):
         for i in range(3):
             self.stages.append(EfficientVitStage(
                 in_dim, dims[i], depths[i], key_dim, heads[i], window_size, kernels,
-                downsample=i > 0, attn_impl=attn_impl, with_cp=with_cp))
+                downsample=i > 0, attn_backend=attn_backend, with_cp=with_cp))
             in_dim = dims[i]
         level_channels = (dims[0] // 4, dims[0] // 2, *dims)
         self.out_channels: List[int] = [level_channels[i] for i in out_indices]
@@ -461,6 +458,14 @@ class EfficientViT(BaseModule):
             x = stage(x)
             levels.append(x)
         return tuple(levels[i] for i in self.out_indices)
+
+    def set_attn_backend(self, backend: str) -> 'EfficientViT':
+        """Switch every attention block to ``backend`` (one of ``ops.BACKENDS``); returns self."""
+        self.attn_backend = check_backend(backend)
+        for m in self.modules():
+            if isinstance(m, LocalWindowAttention):
+                m.attn_backend = backend
+        return self
 
     def _freeze_stages(self) -> None:
         frozen = ([self.patch_embed] if self.frozen_stages >= 0 else []) + \
@@ -487,6 +492,15 @@ class EfficientViT(BaseModule):
             self._is_init = True
             return
         super().init_weights()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # the original's detector checkpoints hold the backbone in the MSRA layout: renamed
+        # before the keys are matched, as torch modules load older state layouts
+        from efficientvit_det.models.backbones.efficientvit_checkpoint import load_msra_keys_hook
+        load_msra_keys_hook(self, state_dict, prefix, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     @torch.no_grad()
     def fuse(self) -> 'EfficientViT':

@@ -1,6 +1,6 @@
 """Loading the classification checkpoints users hold into the detection backbone.
 
-Two layouts exist (REFERENCE.md section 4):
+Two layouts exist (docs/design.md, "Checkpoint layouts"):
 
 * MSRA original: ``patch_embed.{0,2,4,6}``, ``blocks{1,2,3}.*``, Conv2d_BN children ``c``/``bn``;
   ``blocks2``/``blocks3`` start with [res dw+FFN, PatchMerging, res dw+FFN] then the blocks.
@@ -10,21 +10,33 @@ Two layouts exist (REFERENCE.md section 4):
 Both may be wrapped (``model``/``state_dict``/``module.``/``backbone.``) and both carry
 classifier keys and, at 224 px, a stage-3 bias table of (heads, 16): it is resized
 bicubically to the backbone's 7x7 table.
+
+The released detectors of the original code (mmdet 2.x; docs/model_zoo.md) hold the backbone
+in the MSRA layout under ``backbone.``, with the persistent ``attention_bias_idxs`` buffers, and
+the neck under the original's names. :func:`msra_keys_to_ours` renames such keys in place; the
+backbone and the neck call it (and the neck's counterpart) from ``_load_from_state_dict``, so
+every loader (mmengine's ``load_checkpoint``, ``load_from``, ``DetInferencer``) takes the files
+as they are, and :func:`efficientvit_det.models.detector_checkpoint.convert_detector_checkpoint`
+rewrites a whole file to our layout.
 """
 from __future__ import annotations
 
 import os
 import pickle
 import re
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from mmengine.logging import MMLogger, print_log
 from torch import Tensor, nn
 
+from efficientvit_det.ops.windows import relative_position_index
+
 LAYOUTS = ('msra', 'timm')
 _CLASSIFIER_PREFIXES = ('head.', 'head_dist.', 'dist_head.', 'fc.', 'classifier.')
+_MSRA_KEY = re.compile(r'(patch_embed\.\d+|blocks[123]\.\d+)\.')
+_BIAS_IDXS = 'attention_bias_idxs'
 
 
 class CheckpointLayoutError(ValueError):
@@ -184,3 +196,92 @@ def load_pretrained(model: nn.Module, path: str, prefix: Optional[str] = None,
     if unexpected:
         print_log(f'unexpected keys in the checkpoint (ignored): {unexpected}', logger=log, level=30)
     return missing, unexpected
+
+
+# ---------------------------------------------------------------------------------------------
+# detector checkpoints of the original code (mmdet 2.x)
+# ---------------------------------------------------------------------------------------------
+class KeyConversion(NamedTuple):
+    """What :func:`msra_keys_to_ours` (or the neck's counterpart) did to a state dict."""
+    renamed: int
+    dropped: List[str]
+    errors: List[str]
+
+
+def has_msra_keys(state_dict: Mapping[str, Tensor], prefix: str = '') -> bool:
+    """Whether ``state_dict`` holds backbone keys in the MSRA layout under ``prefix``."""
+    n = len(prefix)
+    return any(k.startswith(prefix) and _MSRA_KEY.match(k[n:]) for k in state_dict)
+
+
+def msra_keys_to_ours(state_dict: Dict[str, Tensor], prefix: str = '') -> KeyConversion:
+    """Rename the MSRA-layout backbone keys under ``prefix`` to ours, in place.
+
+    The ``attention_bias_idxs`` buffers are dropped (ours are computed and not saved); one
+    that differs from the index our attention uses is reported in ``errors``, since the
+    weights would then belong to another attention geometry. Keys with no counterpart are
+    left as they are (the loader reports them as unexpected); bias tables keep their shape.
+    """
+    n = len(prefix)
+    renamed, dropped, errors = 0, [], []
+    for key in [k for k in state_dict if k.startswith(prefix) and _MSRA_KEY.match(k[n:])]:
+        rest = key[n:]
+        if rest.endswith(_BIAS_IDXS):
+            idxs = state_dict.pop(key)
+            dropped.append(key)
+            side = int(round(idxs.shape[-1] ** 0.5))
+            if idxs.dim() != 2 or side * side != idxs.shape[-1] or \
+                    not torch.equal(idxs.long().cpu(), relative_position_index(side)):
+                errors.append(f'{key}: the attention bias index in the checkpoint is not the '
+                              f'|dy| * ws + |dx| index of a square window (shape '
+                              f'{tuple(idxs.shape)}); these weights belong to another '
+                              'attention geometry')
+            continue
+        new = _msra_key(rest)
+        if new is None:
+            continue
+        if prefix + new in state_dict:
+            errors.append(f'{key} maps to {prefix + new}, which the checkpoint also holds: '
+                          'mixed MSRA and timm layouts')
+            continue
+        state_dict[prefix + new] = state_dict.pop(key)
+        renamed += 1
+    return KeyConversion(renamed, dropped, errors)
+
+
+def resize_bias_tables_(state_dict: Dict[str, Tensor], prefix: str, model: nn.Module) -> List[str]:
+    """Resize bias tables under ``prefix`` whose length differs from ``model``'s (same heads),
+    in place, as the original's loader does; returns the keys resized."""
+    resized = []
+    for name, param in model.named_parameters():
+        key = prefix + name
+        value = state_dict.get(key)
+        if name.endswith('attention_biases') and value is not None and value.dim() == 2 \
+                and value.shape != param.shape and value.shape[0] == param.shape[0]:
+            state_dict[key] = resize_attention_bias(value, int(round(param.shape[1] ** 0.5)))
+            resized.append(key)
+    return resized
+
+
+def log_conversion(what: str, prefix: str, conversion: KeyConversion, extra: str = '') -> None:
+    """One log line per load saying what was converted (nothing when nothing was)."""
+    if not conversion.renamed and not conversion.dropped:
+        return
+    where = prefix.rstrip('.') or 'model'
+    msg = f"{where}: converted {conversion.renamed} keys of {what} to this project's layout"
+    if conversion.dropped:
+        msg += f'; dropped {len(conversion.dropped)} attention_bias_idxs buffers (recomputed)'
+    print_log(msg + extra, logger='current')
+
+
+def load_msra_keys_hook(model: nn.Module, state_dict: Dict[str, Tensor], prefix: str,
+                        error_msgs: List[str]) -> None:
+    """The backbone's ``_load_from_state_dict`` step: MSRA-layout keys under ``prefix`` are
+    renamed (and bias tables of another length resized) before torch matches the keys."""
+    if not has_msra_keys(state_dict, prefix):
+        return
+    conversion = msra_keys_to_ours(state_dict, prefix)
+    resized = resize_bias_tables_(state_dict, prefix, model)
+    error_msgs.extend(conversion.errors)
+    log_conversion('the original (MSRA) EfficientViT', prefix, conversion,
+                   f'; resized {len(resized)} bias tables to the 7x7 window' if resized else '')

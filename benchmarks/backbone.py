@@ -1,14 +1,14 @@
 """Backbone latency / throughput: our EfficientViT next to timm's eager model, same weights.
 
-    python tools/benchmark.py backbone --arch m4 --inputs 1x224x224 16x224x224 1x800x1344
+    python -m benchmarks backbone --arch m4 --inputs 1x224x224 16x224x224 1x800x1344
 
 Variants (``--variants``; a ``+cl`` suffix runs that variant in channels_last):
 
 ``timm``       timm's ``efficientvit_<arch>`` built at 448 px so every stage uses 7x7 windows,
                exactly like the original detection code (it pads/partitions any input the same
                way), eager PyTorch, our randomised weights copied in; the three stage outputs.
-``reference``  ours, ``attn_impl='reference'`` (the original's module path).
-``fused``      ours, ``attn_impl='fused'``: the fused cascaded-group-attention op (its ``auto``
+``reference``  ours, ``attn_backend='reference'`` (the original's module path).
+``fused``      ours, ``attn_backend='fused'``: the fused cascaded-group-attention op (its ``auto``
                backend: the C++ kernel on CPU when built, Triton on CUDA, else its PyTorch
                reference -- the backend used is reported).
 ``deploy``     ``fused`` after ``backbone.fuse()`` (every Conv+BN folded, as for inference).
@@ -23,14 +23,22 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from efficientvit_det.benchmarks.common import (Progress, add_common_args, calibrate_bn_, fmt_ms,
-                                                format_table, machine_info, max_rel_err, randomize_,
-                                                setup_from_args, time_interleaved, write_json)
+from benchmarks.common import (
+    Progress,
+    add_common_args,
+    fmt_ms,
+    format_table,
+    report,
+    setup_from_args,
+    time_interleaved,
+)
+from efficientvit_det.testing import calibrate_bn_, max_rel_err, randomize_
 
 BASE_VARIANTS = ('timm', 'reference', 'fused', 'deploy', 'onnx')
 DEFAULT_VARIANTS = ('timm', 'reference', 'fused', 'deploy', 'deploy+cl', 'onnx')
@@ -58,7 +66,8 @@ def parse_input(spec: str) -> Tuple[int, int, int]:
     try:
         b, h, w = (int(v) for v in spec.lower().split('x'))
     except ValueError:
-        raise argparse.ArgumentTypeError(f'input {spec!r}: expected BATCHxHEIGHTxWIDTH, e.g. 1x800x1344')
+        raise argparse.ArgumentTypeError(
+            f'input {spec!r}: expected BATCHxHEIGHTxWIDTH, e.g. 1x800x1344') from None
     if min(b, h, w) < 1:
         raise argparse.ArgumentTypeError(f'input {spec!r}: sizes must be positive')
     return b, h, w
@@ -104,7 +113,7 @@ def build_variants(arch: str, variants: Sequence[str], device: torch.device, see
     """All requested variants, eval mode, sharing one set of randomised weights."""
     from efficientvit_det.models.backbones.efficientvit import EfficientViT
 
-    ref = randomize_(EfficientViT(arch, attn_impl='reference'), seed)
+    ref = randomize_(EfficientViT(arch, attn_backend='reference'), seed)
     calib = torch.randn(2, 3, 448, 448, generator=torch.Generator().manual_seed(seed + 100))
     calibrate_bn_(ref, lambda: ref(calib))
     state = ref.state_dict()
@@ -123,14 +132,11 @@ def build_variants(arch: str, variants: Sequence[str], device: torch.device, see
         elif base == 'reference':
             m = copy.deepcopy(ref)
         else:
-            m = EfficientViT(arch, attn_impl='fused')
+            m = EfficientViT(arch, attn_backend='fused')
             m.load_state_dict(state)
             if base in ('deploy', 'onnx'):
                 m.fuse()
             if base == 'onnx':
-                if device.type != 'cpu':
-                    raise SystemExit('variant onnx: onnxruntime runs on the CPU here; use '
-                                     '--device cpu or leave onnx out of --variants')
                 models[spec] = OnnxRuntimeBackbone(m.eval(), torch.get_num_threads())
                 continue
         m = m.eval().to(device)
@@ -162,17 +168,14 @@ def run(arch: str = 'm4', inputs: Sequence[Tuple[int, int, int]] = (), variants:
         x = torch.randn(b, 3, h, w, generator=gen).to(device)
         return x.contiguous(memory_format=torch.channels_last) if cl else x
 
-    # Warm the allocator once with the largest input through every variant (REFERENCE.md s. 5).
+    # Warm the allocator once with the largest input through every variant (docs/design.md, "Measuring").
     largest = max(inputs, key=lambda s: s[0] * s[1] * s[2])
     xl = make_input(*largest, False)
 
-    def allocator_warmup():
-        with torch.inference_mode():
-            for spec, m in models.items():
-                progress.update(f'[backbone] allocator warm-up: {spec} {largest}', force=True)
-                m(xl.contiguous(memory_format=torch.channels_last) if parse_variant(spec)[1] else xl)
-
-    allocator_warmup()
+    with torch.inference_mode():
+        for spec, m in models.items():
+            progress.update(f'[backbone] allocator warm-up: {spec} {largest}', force=True)
+            m(xl.contiguous(memory_format=torch.channels_last) if parse_variant(spec)[1] else xl)
     del xl
 
     results: List[Dict[str, Any]] = []
@@ -186,7 +189,7 @@ def run(arch: str = 'm4', inputs: Sequence[Tuple[int, int, int]] = (), variants:
         shapes = [list(t.shape) for t in outs[baseline]]
         del outs
 
-        def case(spec):
+        def case(spec, feeds=feeds):
             m, inp = models[spec], feeds[spec]
 
             def fn():
@@ -237,7 +240,7 @@ def render(payload: Dict[str, Any]) -> str:
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog='benchmark.py backbone', description=__doc__,
+    parser = parser or argparse.ArgumentParser(prog='python -m benchmarks backbone', description=__doc__,
                                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--arch', default='m4')
     parser.add_argument('--inputs', nargs='+', type=parse_input, default=None, metavar='BxHxW',
@@ -262,14 +265,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         try:
             parse_variant(v)
         except argparse.ArgumentTypeError as e:
-            raise SystemExit(str(e))
+            raise SystemExit(str(e)) from None
+    if device.type != 'cpu' and 'onnx' in variants:  # onnxruntime runs on the CPU here
+        print('note: the onnx variant is CPU-only; left out on', device, file=sys.stderr)
+        variants.remove('onnx')
     payload = run(args.arch, args.inputs or [], variants, device, args.repeats, args.warmup,
                   args.seed, args.tol, Progress(not args.quiet))
-    payload['machine'] = machine_info(device)
-    payload['args'] = vars(args)
-    print(render(payload))
-    write_json(args.json, payload)
-    return payload
+    return report(payload, args, device, render)
 
 
 if __name__ == '__main__':

@@ -1,8 +1,8 @@
 """Parameters and FLOPs of the EfficientViT family and of detectors, without a dataset.
 
-    python tools/benchmark.py flops                              # all archs + RetinaNet-m4
-    python tools/get_flops.py --arch m4 --shape 224 224
-    python tools/get_flops.py --detector configs/retinanet_efficientvit_m4_coco.py --shape 800 1344
+    python -m benchmarks flops                              # all archs + RetinaNet-m4
+    python -m benchmarks flops --arch m4 --shape 224 224
+    python -m benchmarks flops --detector configs/retinanet_efficientvit_m4_coco.py --shape 800 1344
 
 FLOPs here are **multiply-accumulates** (MACs: one fused multiply-add = 1) of convolutions,
 linear layers and matrix products -- the attention's ``q^T k`` and ``v attn^T`` included -- the
@@ -15,7 +15,7 @@ Two independent counts are given for the backbones:
 * ``analyzer``: mmengine's :class:`~mmengine.analysis.FlopAnalyzer` (jit trace; counts
   ``aten::_convolution``, ``aten::linear``/``addmm`` and ``aten::matmul``/``bmm``);
 * ``hand``: :func:`hand_count_macs`, a closed-form count from the architecture description
-  (REFERENCE.md sections 1-3), which needs no model at all.
+  (docs/design.md, "Model family"), which needs no model at all.
 
 Two window semantics exist:
 
@@ -29,15 +29,18 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from efficientvit_det.benchmarks.common import (build_detector_from_config, format_table, machine_info,
-                                                resolve_detector_config, write_json)
+from benchmarks.common import (
+    build_detector_from_config,
+    format_table,
+    report,
+    resolve_detector_config,
+)
 
 # The paper's Table (ImageNet-1k at 224, classification model with its 1000-class head).
 PAPER = {
@@ -164,7 +167,7 @@ def classification_model(arch: str, img_size: int = 224) -> nn.Module:
 
 def detection_backbone(arch: str) -> nn.Module:
     from efficientvit_det.models.backbones.efficientvit import EfficientViT
-    return EfficientViT(arch, attn_impl='reference').eval()
+    return EfficientViT(arch, attn_backend='reference').eval()
 
 
 def backbone_report(arch: str, height: int, width: int) -> Dict[str, Any]:
@@ -214,7 +217,7 @@ class _DetectorTensors(nn.Module):
 
 
 def detector_report(config: str, height: int, width: int) -> Dict[str, Any]:
-    det = build_detector_from_config(config, attn_impl='reference')
+    det = build_detector_from_config(config, attn_backend='reference')
     an = analyze(_DetectorTensors(det), (torch.zeros(1, 3, height, width),))
     parts = {}
     for name in ('backbone', 'neck', 'bbox_head'):
@@ -275,7 +278,7 @@ def render(payload: Dict[str, Any]) -> str:
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog='get_flops.py', description=__doc__,
+    parser = parser or argparse.ArgumentParser(prog='python -m benchmarks flops', description=__doc__,
                                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--arch', nargs='+', default=None,
                         help=f'backbone archs (default: all of {", ".join(ARCHS)} unless only '
@@ -325,11 +328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         payload['detectors'].append(detector_report(det, *dshape))
     for d in payload['detectors']:
         d.pop('by_module', None)
-    payload['machine'] = machine_info(torch.device('cpu'))
-    payload['args'] = vars(args)
-    print(render(payload))
-    write_json(args.json, payload)
-    return payload
+    return report(payload, args, torch.device('cpu'), render)
 
 
 if __name__ == '__main__':

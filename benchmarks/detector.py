@@ -1,7 +1,8 @@
 """RetinaNet end-to-end inference per image, and a training step: EfficientViT next to R50.
 
-    python tools/benchmark.py detector --models m4 m4+deploy r50
-    python tools/benchmark.py train-step --models m4 r50 --batch 2 --shape 800 1344
+    python -m benchmarks detector            # m4, r50: fp32 / deploy / bf16+deploy+cl
+    python -m benchmarks detector --models m4 m4+deploy m4+deploy+cl+bf16 r50 r50+deploy+cl+bf16
+    python -m benchmarks train-step --models m4 r50 --batch 2 --shape 800 1344
 
 Models: ``m0``..``m5`` (our ``configs/retinanet_efficientvit_<arch>_coco.py``), ``r50`` (mmdet's
 own ``retinanet_r50_fpn_1x_coco.py`` from the installed wheel) or a config path, each with
@@ -10,8 +11,11 @@ optional flags joined by ``+``:
 ``+deploy``   fold Conv+BN for inference: ``backbone.fuse()`` for EfficientViT (its attention
               then runs the fused op on folded weights), ``mmcv.cnn.fuse_conv_bn`` otherwise.
 ``+cl``       channels_last weights and backbone input.
-``+ref``      EfficientViT with ``attn_impl='reference'`` (default: the config's, ``auto``).
-``+fused``    EfficientViT with ``attn_impl='fused'``.
+``+bf16``     bf16 autocast (``efficientvit_det.precision``: the head's outputs go back to
+              float32 before post-processing), as ``tools/infer.py --precision bf16``; with
+              ``+deploy+cl`` it is what ``--precision auto`` runs on a CPU with native bf16.
+``+ref``      EfficientViT with ``attn_backend='reference'`` (default: the config's, ``auto``).
+``+fused``    EfficientViT with ``attn_backend='fused'``.
 ``+cp``       activation checkpointing in the backbone (``with_cp=True``; training).
 
 Inference (``detector``): an in-memory uint8 image (default 800x1333, which the COCO test
@@ -20,6 +24,12 @@ pipeline keeps at 800x1333 and the data preprocessor pads to 800x1344) through
 head, box decoding and NMS: the whole per-image cost. The same work split in parts (``pre``:
 pipeline + data preprocessor; ``backbone``; ``neck+head``: tensor forward; ``post``:
 ``predict_by_feat``, i.e. decoding, top-k, NMS) is timed in the same interleaved loop.
+
+The table gives each row's precision, deploy mode and layout, and its speed-up over the first
+row of the same base model (e.g. ``m4+deploy+cl+bf16`` over ``m4``); the CPU's bf16 capability
+(AMX-BF16, AVX512-BF16) and what ``--precision auto`` picks on it are printed under the table.
+Rows without ``+bf16`` must give the same outputs as the first row (``--tol``); bf16 rows report
+their deviation, which is rounding, not a bug (see ``docs/precision.md`` for the accuracy).
 
 Weights are random (nothing can be downloaded here): every parameter randomised and the BN
 statistics calibrated on one batch, identical for the variants of one arch. ``--cls-bias``
@@ -39,6 +49,7 @@ model, data and optimizer) or ``torch.cuda.max_memory_allocated`` on CUDA.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -46,12 +57,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from efficientvit_det.benchmarks.common import (Progress, add_common_args, build_detector_from_config,
-                                                calibrate_bn_, fmt_ms, format_table, machine_info,
-                                                max_rel_err, peak_memory, randomize_, run_isolated,
-                                                setup_from_args, time_interleaved, write_json)
+from benchmarks.common import (
+    Progress,
+    add_common_args,
+    build_detector_from_config,
+    fmt_ms,
+    format_table,
+    peak_memory,
+    report,
+    run_isolated,
+    setup_from_args,
+    time_interleaved,
+)
+from efficientvit_det.precision import (
+    cpu_bf16_support,
+    prepare_model,
+    resolve_precision,
+)
+from efficientvit_det.testing import calibrate_bn_, max_rel_err, randomize_
 
-FLAGS = ('deploy', 'cl', 'ref', 'fused', 'cp')
+FLAGS = ('deploy', 'cl', 'bf16', 'ref', 'fused', 'cp')
+DEFAULT_MODELS = ('m4', 'm4+deploy', 'm4+deploy+cl+bf16', 'r50', 'r50+deploy',
+                  'r50+deploy+cl+bf16')
 PARTS = ('pre', 'backbone', 'neck+head', 'post')
 
 
@@ -66,16 +93,6 @@ def parse_model(spec: str) -> Tuple[str, Tuple[str, ...]]:
 
 def _is_evit(model: nn.Module) -> bool:
     return type(model.backbone).__name__ == 'EfficientViT'
-
-
-def _set_attn_impl(model: nn.Module, impl) -> List[str]:
-    """Set ``attn_impl`` of every EfficientViT attention (a str, or a list from a previous call);
-    return the previous values."""
-    mods = [m for m in model.backbone.modules() if type(m).__name__ == 'LocalWindowAttention']
-    old = [m.attn_impl for m in mods]
-    for i, m in enumerate(mods):
-        m.attn_impl = impl[i] if isinstance(impl, list) else impl
-    return old
 
 
 def _set_cls_bias_prior_(model: nn.Module, prior_prob: float = 0.01) -> None:
@@ -100,7 +117,7 @@ def build_model(spec: str, device: torch.device, seed: int = 0, calib_hw=(320, 4
     attn = 'reference' if 'ref' in flags else 'fused' if 'fused' in flags else None
     opts = {'model.backbone.with_cp': True} if 'cp' in flags else None
     if train:
-        model = build_detector_from_config(base, 'cpu', attn_impl=attn, cfg_options=opts)
+        model = build_detector_from_config(base, 'cpu', attn_backend=attn, cfg_options=opts)
         torch.manual_seed(seed)
         model.init_weights()
         model.train()
@@ -114,13 +131,16 @@ def build_model(spec: str, device: torch.device, seed: int = 0, calib_hw=(320, 4
             if cls_bias == 'prior':
                 _set_cls_bias_prior_(model)
             x = torch.randn(1, 3, *calib_hw, generator=torch.Generator().manual_seed(seed + 7))
-            impls = _set_attn_impl(model, 'reference')  # BNs train while calibrating
+            backend = model.backbone.attn_backend if _is_evit(model) else None
+            if backend:  # BNs train while calibrating: the module path
+                model.backbone.set_attn_backend('reference')
             calibrate_bn_(model, lambda: model._forward(x))
-            _set_attn_impl(model, impls)
+            if backend:
+                model.backbone.set_attn_backend(backend)
             if cache is not None:
                 cache[key] = copy.deepcopy(model)
         if attn is not None:
-            _set_attn_impl(model, attn)
+            model.backbone.set_attn_backend(attn)
         if 'deploy' in flags:
             if _is_evit(model):
                 model.backbone.fuse()
@@ -129,7 +149,9 @@ def build_model(spec: str, device: torch.device, seed: int = 0, calib_hw=(320, 4
                 model = fuse_conv_bn(model)
         model.eval()
     model = model.to(device)
-    if 'cl' in flags:
+    if 'bf16' in flags:
+        prepare_model(model, resolve_precision('bf16', device), channels_last='cl' in flags)
+    elif 'cl' in flags:
         model = model.to(memory_format=torch.channels_last)
         model.backbone.register_forward_pre_hook(
             lambda m, args: (args[0].contiguous(memory_format=torch.channels_last), *args[1:]))
@@ -155,20 +177,25 @@ def _test_pipeline(model: nn.Module, test_scale: Optional[Tuple[int, int]]):
 class InferenceCases:
     """The end-to-end call and its parts for one model and one image."""
 
-    def __init__(self, model: nn.Module, img: np.ndarray, test_scale: Optional[Tuple[int, int]]):
+    def __init__(self, model: nn.Module, img: np.ndarray, test_scale: Optional[Tuple[int, int]],
+                 bf16: bool = False):
         from mmdet.apis import inference_detector
         self.model, self.img = model, img
+        device_type = next(model.parameters()).device.type
+        # a fresh context per call: what tools/infer.py wraps around DetInferencer
+        self.amp = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if bf16 \
+            else contextlib.nullcontext
         cfg, self.pipeline = _test_pipeline(model, test_scale)
         model.cfg = cfg  # inference_detector builds its pipeline from model.cfg
         self._inference_detector = inference_detector
-        with torch.inference_mode():
+        with torch.inference_mode(), self.amp():
             self.batch = self.pre()
             self.inputs = self.batch['inputs']
             self.feats = model.backbone(self.inputs)
             self.outs = model.bbox_head(model.neck(self.feats))
 
     def e2e(self):
-        with torch.inference_mode():
+        with torch.inference_mode(), self.amp():
             return self._inference_detector(self.model, self.img)
 
     def pre(self):
@@ -177,15 +204,15 @@ class InferenceCases:
         return self.model.data_preprocessor(data, False)
 
     def backbone(self):
-        with torch.inference_mode():
+        with torch.inference_mode(), self.amp():
             return self.model.backbone(self.inputs)
 
     def neck_head(self):
-        with torch.inference_mode():
+        with torch.inference_mode(), self.amp():
             return self.model.bbox_head(self.model.neck(self.feats))
 
     def post(self):
-        with torch.inference_mode():
+        with torch.inference_mode(), self.amp():
             samples = self.batch['data_samples']
             metas = [s.metainfo for s in samples]
             res = self.model.bbox_head.predict_by_feat(*self.outs, batch_img_metas=metas, rescale=True)
@@ -193,7 +220,7 @@ class InferenceCases:
 
     def manual(self):
         """pre -> backbone -> neck+head -> post in one go (for the equality check)."""
-        with torch.inference_mode():
+        with torch.inference_mode(), self.amp():
             batch = self.pre()
             outs = self.model.bbox_head(self.model.neck(self.model.backbone(batch['inputs'])))
             metas = [s.metainfo for s in batch['data_samples']]
@@ -225,7 +252,7 @@ def run_inference(models: Sequence[str], device: torch.device, height: int = 800
     for spec in models:
         progress.update(f'[detector] building {spec}', force=True)
         built[spec] = InferenceCases(build_model(spec, device, seed, cache=cache, cls_bias=cls_bias),
-                                     img, test_scale)
+                                     img, test_scale, bf16='bf16' in parse_model(spec)[1])
     cache.clear()
 
     checks: Dict[str, Any] = {}
@@ -241,9 +268,11 @@ def run_inference(models: Sequence[str], device: torch.device, height: int = 800
             b = [t for lvl in built[ref].outs for t in lvl]
             checks[spec]['head_outputs_vs'] = ref
             checks[spec]['head_outputs_max_rel_err'] = max_rel_err(a, b)
-    for c in checks.values():
+    for spec, c in checks.items():
+        # bf16 rounds by design: its deviation is reported, not held to the fp32 tolerance
+        approx = 'bf16' in parse_model(spec)[1]
         c['outputs_equal'] = c['manual_vs_e2e_max_rel_err'] <= tol and \
-            c.get('head_outputs_max_rel_err', 0.) <= tol
+            (approx or c.get('head_outputs_max_rel_err', 0.) <= tol)
 
     cases = {}
     for spec, ic in built.items():
@@ -255,9 +284,15 @@ def run_inference(models: Sequence[str], device: torch.device, height: int = 800
     progress.done()
     results = []
     for spec in models:
-        r = dict(model=spec, e2e=stats[f'{spec} e2e'], **checks[spec])
+        flags = parse_model(spec)[1]
+        r = dict(model=spec, precision='bf16' if 'bf16' in flags else 'fp32',
+                 deploy='deploy' in flags, channels_last='cl' in flags,
+                 e2e=stats[f'{spec} e2e'], **checks[spec])
         if breakdown:
             r['parts'] = {p: stats[f'{spec} {p}'] for p in PARTS}
+        first = next(s for s in models if parse_model(s)[0] == parse_model(spec)[0])
+        r['speedup_vs_first_of_base'] = stats[f'{first} e2e']['median_ms'] / r['e2e']['median_ms']
+        r['first_of_base'] = first
         results.append(r)
     ref_r50 = next((r for r in results if parse_model(r['model'])[0] == 'r50'), None)
     if ref_r50 is not None:
@@ -265,22 +300,35 @@ def run_inference(models: Sequence[str], device: torch.device, height: int = 800
             r['speedup_vs_r50'] = ref_r50['e2e']['median_ms'] / r['e2e']['median_ms']
     return dict(benchmark='detector', image_hw=[height, width], test_scale=test_scale, cls_bias=cls_bias,
                 models=list(models), results=results, tolerance=tol,
-                all_outputs_equal=all(c['outputs_equal'] for c in checks.values()))
+                all_outputs_equal=all(c['outputs_equal'] for c in checks.values()),
+                cpu_bf16=cpu_bf16_support().describe(),
+                auto_precision=resolve_precision('auto', device).summary())
 
 
 def render_inference(payload: Dict[str, Any]) -> str:
     rows = []
     for r in payload['results']:
         parts = r.get('parts', {})
-        rows.append((r['model'], fmt_ms(r['e2e']),
+        speedup = r.get('speedup_vs_first_of_base')
+        rows.append((r['model'], r.get('precision', 'fp32'), 'yes' if r.get('deploy') else 'no',
+                     'yes' if r.get('channels_last') else 'no', fmt_ms(r['e2e']),
                      *(f"{parts[p]['median_ms']:.1f}" if p in parts else '-' for p in PARTS),
+                     f'{speedup:.2f}x' if speedup is not None else '-',
                      f"{r['speedup_vs_r50']:.2f}x" if 'speedup_vs_r50' in r else '-',
-                     r['num_dets'], f"{max(r['manual_vs_e2e_max_rel_err'], r.get('head_outputs_max_rel_err', 0.)):.1e}"))
+                     r['num_dets'],
+                     f"{max(r['manual_vs_e2e_max_rel_err'], r.get('head_outputs_max_rel_err', 0.)):.1e}"))
     h, w = payload['image_hw']
-    table = format_table(['model', 'end-to-end ms: median (IQR)', *(f'{p} ms' for p in PARTS),
-                          'speed-up vs r50', 'dets', 'max rel err'], rows)
-    return (table + f"\nimage {h}x{w} uint8 in memory -> network input {payload['results'][0]['input_shape']}; "
-            f"outputs equal: {payload['all_outputs_equal']}")
+    table = format_table(['model', 'precision', 'deploy', 'channels_last',
+                          'end-to-end ms: median (IQR)', *(f'{p} ms' for p in PARTS),
+                          'speed-up vs 1st row of model', 'speed-up vs r50', 'dets',
+                          'max rel err'], rows)
+    lines = [table, f"image {h}x{w} uint8 in memory -> network input "
+                    f"{payload['results'][0]['input_shape']}; outputs equal (fp32 rows; bf16 "
+                    f"rows: deviation shown): {payload['all_outputs_equal']}"]
+    if 'cpu_bf16' in payload:
+        lines.append(f"CPU bf16: {payload['cpu_bf16']}; --precision auto -> "
+                     f"{payload['auto_precision']}")
+    return '\n'.join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,7 +394,7 @@ def run_train_step(models: Sequence[str], device: torch.device, batch: int = 2, 
         for spec in models:
             progress.update(f'[train-step] peak memory of {spec} ({memory_steps} steps)', force=True)
             if device.type == 'cpu':
-                mem[spec] = run_isolated('efficientvit_det.benchmarks.detector:_train_memory_child',
+                mem[spec] = run_isolated('benchmarks.detector:_train_memory_child',
                                          spec=spec, batch=batch, height=height, width=width,
                                          steps=memory_steps, seed=seed, device='cpu',
                                          threads=torch.get_num_threads())
@@ -401,14 +449,15 @@ def _check_models(models: Sequence[str]) -> List[str]:
         try:
             parse_model(m)
         except argparse.ArgumentTypeError as e:
-            raise SystemExit(str(e))
+            raise SystemExit(str(e)) from None
     return list(models)
 
 
 def build_inference_parser(parser=None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog='benchmark.py detector', description=__doc__,
                                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--models', nargs='+', default=['m4', 'm4+deploy', 'r50'])
+    parser.add_argument('--models', nargs='+', default=list(DEFAULT_MODELS),
+                        help='default: %(default)s')
     parser.add_argument('--shape', nargs=2, type=int, default=(800, 1333), metavar=('H', 'W'),
                         help='the in-memory image (default: %(default)s)')
     parser.add_argument('--test-scale', nargs=2, type=int, default=None, metavar=('W', 'H'),
@@ -431,11 +480,7 @@ def main_inference(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                             test_scale=args.test_scale, repeats=args.repeats, warmup=args.warmup,
                             seed=args.seed, breakdown=not args.no_breakdown, tol=args.tol,
                             progress=Progress(not args.quiet), cls_bias=args.cls_bias)
-    payload['machine'] = machine_info(device)
-    payload['args'] = vars(args)
-    print(render_inference(payload))
-    write_json(args.json, payload)
-    return payload
+    return report(payload, args, device, render_inference)
 
 
 def build_train_parser(parser=None) -> argparse.ArgumentParser:
@@ -460,11 +505,7 @@ def main_train(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                              repeats=args.repeats, warmup=args.warmup, seed=args.seed,
                              memory=not args.no_memory, memory_steps=args.memory_steps,
                              progress=Progress(not args.quiet))
-    payload['machine'] = machine_info(device)
-    payload['args'] = vars(args)
-    print(render_train(payload))
-    write_json(args.json, payload)
-    return payload
+    return report(payload, args, device, render_train)
 
 
 main = main_inference

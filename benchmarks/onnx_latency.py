@@ -1,6 +1,6 @@
 """CPU latency: onnxruntime vs PyTorch eager on the deploy-mode (Conv+BN folded) model.
 
-    python -m efficientvit_det.benchmarks.onnx_latency --json work_dirs/onnx_latency.json
+    python -m benchmarks onnx --json work_dirs/onnx_latency.json
 
 For each part (``backbone``: EfficientViT alone; ``detector``: RetinaNet up to its raw head
 outputs, i.e. backbone + EfficientViTFPN + RetinaHead convolutions, no decoding/NMS) it times,
@@ -8,7 +8,7 @@ interleaved in one process (``benchmarks.common.time_interleaved``: allocator wa
 largest case, untimed warm-up passes, rotating order, median and quartiles of the repeats):
 
 * ``torch (fused op)``: PyTorch eager, Conv+BN folded, attention through the fused CGA op
-  (``attn_impl='auto'``: the C++ CPU extension when built, else the PyTorch reference);
+  (``attn_backend='auto'``: the C++ CPU extension when built, else the PyTorch reference);
 * ``torch (reference)``: PyTorch eager, Conv+BN folded, attention through the plain PyTorch
   window path (pad, partition, cascaded group attention, reverse): the computation the ONNX
   graph contains;
@@ -30,8 +30,15 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from efficientvit_det.benchmarks.common import (Progress, fmt_ms, format_table, machine_info,
-                                                randomize_, time_interleaved, write_json)
+from benchmarks.common import (
+    Progress,
+    fmt_ms,
+    format_table,
+    machine_info,
+    time_interleaved,
+    write_json,
+)
+from efficientvit_det.testing import randomize_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIG = os.path.join(ROOT, 'configs', 'retinanet_efficientvit_m4_coco.py')
@@ -57,20 +64,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _set_attn_impl(model: torch.nn.Module, impl: str) -> torch.nn.Module:
-    for m in model.modules():
-        if hasattr(m, 'attn_impl') and hasattr(m, 'use_fused'):
-            m.attn_impl = impl
-    return model
-
-
 def _shapes(outs) -> List[tuple]:
     return [tuple(o.shape) for o in outs]
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    from efficientvit_det.deploy import (DEFAULT_OPSET, BackboneOutputs, DetectorRawOutputs,
-                                         export_onnx, fuse_for_deploy, load_model, make_session)
+    from efficientvit_det.apis import init_detector
+    from efficientvit_det.deploy import (
+        DEFAULT_OPSET,
+        BackboneOutputs,
+        DetectorRawOutputs,
+        deploy_model,
+        export_onnx,
+        make_session,
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -79,10 +86,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     h, w = args.shape
 
     progress.update('building the model', force=True)
-    model, cfg = load_model(args.config)
+    model = init_detector(args.config)
     randomize_(model, args.seed)
-    fused_op = fuse_for_deploy(model)  # attn_impl as configured ('auto')
-    reference = _set_attn_impl(copy.deepcopy(fused_op), 'reference')
+    fused_op = deploy_model(model)  # attn_backend as configured ('auto')
+    reference = copy.deepcopy(fused_op)
+    reference.backbone.set_attn_backend('reference')
     x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(args.seed))
 
     tmp = None
@@ -102,8 +110,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                         opset=args.opset or DEFAULT_OPSET, verify_shapes=())
             sess = make_session(path, threads=threads, spinning=False)  # no busy-waiting between cases
             feed = {sess.get_inputs()[0].name: x.numpy()}
-            modules = {CASES[0]: wrap(getattr(fused_op, 'backbone') if part == 'backbone' else fused_op),
-                       CASES[1]: wrap(getattr(reference, 'backbone') if part == 'backbone' else reference)}
+            modules = {CASES[0]: wrap(fused_op.backbone if part == 'backbone' else fused_op),
+                       CASES[1]: wrap(reference.backbone if part == 'backbone' else reference)}
             wrappers[part] = (modules, sess, feed, path)
 
         def torch_call(mod):
@@ -145,7 +153,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         info['load_avg_at_end'] = [round(v, 2) for v in os.getloadavg()]
     except OSError:
         pass
-    backbone_cfg = cfg.model.backbone
+    backbone_cfg = model.cfg.model.backbone
     return dict(config=os.path.relpath(args.config, ROOT) if args.config.startswith(ROOT) else args.config,
                 arch=backbone_cfg.get('arch'), input=f'1x3x{h}x{w}', repeats=args.repeats,
                 warmup=args.warmup, machine=info, results=results)
@@ -173,7 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.repeats < 1 or args.warmup < 0:
         raise SystemExit('--repeats must be >= 1 and --warmup >= 0')
     payload = run(args)
-    payload['command'] = 'python -m efficientvit_det.benchmarks.onnx_latency ' + ' '.join(
+    payload['command'] = 'python -m benchmarks onnx ' + ' '.join(
         sys.argv[1:] if argv is None else list(argv))
     print(format_results(payload))
     write_json(args.json, payload)

@@ -1,6 +1,6 @@
 """Timing, memory and reporting utilities shared by the benchmark sub-commands.
 
-Rules these helpers enforce (REFERENCE.md section 5, measured on 2-core machines):
+Rules these helpers enforce (measured on 2-core machines, docs/design.md "Measuring"):
 
 * Competitors are timed **interleaved in one process** (every repeat runs every case once, the
   order rotating between repeats), so load from other processes and slow drifts hit all of them
@@ -8,7 +8,7 @@ Rules these helpers enforce (REFERENCE.md section 5, measured on 2-core machines
 * Warm up with full passes of every case before timing, the largest first: glibc returns big
   freed blocks to the OS until its mmap threshold adapts, and a cold process measures the same
   call up to 2x slower.
-* On CUDA every sample is bracketed by ``torch.cuda.synchronize()``.
+* On CUDA every sample is timed with CUDA events between two ``torch.cuda.synchronize()``.
 * Median and spread (quartiles, min/max) of the per-repeat samples are reported.
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the process's peak RSS (``VmHWM``,
@@ -34,8 +34,8 @@ from torch import nn
 __all__ = [
     'add_common_args', 'setup_from_args', 'resolve_device', 'synchronize', 'Progress',
     'time_interleaved', 'summarize', 'format_table', 'machine_info', 'write_json',
-    'max_rel_err', 'randomize_', 'calibrate_bn_', 'peak_memory', 'resolve_detector_config',
-    'build_detector_from_config', 'run_isolated', 'fmt_ms', 'saved_tensor_bytes',
+    'peak_memory', 'resolve_detector_config', 'build_detector_from_config', 'run_isolated',
+    'fmt_ms', 'report',
 ]
 
 
@@ -164,14 +164,26 @@ def time_interleaved(cases: Dict[str, Callable[[], Any]], repeats: int, warmup: 
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             gc.collect(0)
-            synchronize(device)
-            t0 = time.perf_counter()
-            cases[name]()
-            synchronize(device)
-            samples[name].append(time.perf_counter() - t0)
+            samples[name].append(_time_once(cases[name], device))
             progress.update(f'[{label}] repeat {r + 1}/{repeats}: {name} '
                             f'{samples[name][-1] * 1e3:.1f} ms')
     return {n: summarize(s) for n, s in samples.items()}
+
+
+def _time_once(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of one call: CUDA events on the GPU (what the kernels took, launch queue
+    drained before and after), the wall clock on the CPU."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def fmt_ms(stats: Dict[str, Any]) -> str:
@@ -226,6 +238,17 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
     return info
 
 
+def report(payload: Dict[str, Any], args: argparse.Namespace, device: torch.device,
+           render: Callable[[Dict[str, Any]], str]) -> Dict[str, Any]:
+    """The end of every benchmark: machine and arguments into ``payload``, the table printed,
+    ``--json`` written; returns ``payload``."""
+    payload['machine'] = machine_info(device)
+    payload['args'] = vars(args)
+    print(render(payload))
+    write_json(args.json, payload)
+    return payload
+
+
 def write_json(path: Optional[str], payload: Dict[str, Any]) -> None:
     if not path:
         return
@@ -236,76 +259,6 @@ def write_json(path: Optional[str], payload: Dict[str, Any]) -> None:
         json.dump(payload, f, indent=2, default=str)
         f.write('\n')
     os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------------------------
-# models and outputs
-# --------------------------------------------------------------------------------------------
-def max_rel_err(actual, expected) -> float:
-    """max |a - e| / max |e| over a tensor or a sequence of tensors (worst entry)."""
-    if isinstance(actual, torch.Tensor):
-        actual, expected = [actual], [expected]
-    worst = 0.
-    for a, e in zip(actual, expected):
-        if a.shape != e.shape:
-            return float('inf')
-        a, e = a.detach().float().cpu(), e.detach().float().cpu()
-        worst = max(worst, (a - e).abs().max().item() / max(e.abs().max().item(), 1e-12))
-    return worst
-
-
-@torch.no_grad()
-def randomize_(model: nn.Module, seed: int = 0, branch_scale: float = 0.1) -> nn.Module:
-    """Give every parameter and BN statistic non-trivial values (zero-init branches would make
-    output comparisons vacuous; timing is unaffected).
-
-    Norm weights that are all zero before this call (the zero-initialised last BN of residual
-    branches) get ``branch_scale`` times the usual random weight: with full-size branches a
-    random deep residual net is chaotic (float32 rounding alone moves its stage-3 output by
-    percents), whereas trained networks keep those branches small.
-    """
-    g = torch.Generator().manual_seed(seed)
-    zero_init = {name for name, p in model.named_parameters()
-                 if name.endswith('weight') and p.dim() == 1 and not p.any()}
-    for name, p in model.named_parameters():
-        if name.endswith('attention_biases'):
-            p.copy_(torch.randn(p.shape, generator=g).to(p))
-        elif p.dim() > 1:
-            p.copy_((torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5).to(p))
-        elif name.endswith('weight'):
-            scale = branch_scale if name in zero_init else 1.
-            p.copy_(((torch.rand(p.shape, generator=g) + 0.5) * scale).to(p))
-        else:
-            p.copy_((torch.randn(p.shape, generator=g) * 0.1).to(p))
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-            m.running_mean.copy_((torch.randn(m.running_mean.shape, generator=g) * 0.1).to(m.running_mean))
-            m.running_var.copy_((torch.rand(m.running_var.shape, generator=g) + 0.5).to(m.running_var))
-    return model
-
-
-@torch.no_grad()
-def calibrate_bn_(model: nn.Module, forward: Callable[[], Any]) -> nn.Module:
-    """Set every BatchNorm's running statistics to those of one ``forward()`` batch.
-
-    Random BN statistics let activations grow by orders of magnitude through the residual
-    stages (stage-3 maps of ~1e5 with :func:`randomize_` alone), where float32 itself is no
-    longer reproducible (float32 vs float64 of the *same* module differ by ~50%) and an
-    equal-output check means nothing. Calibrated statistics keep the maps O(1), like trained
-    weights do. Leaves the model in eval mode.
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.training) for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average: exactly this batch's statistics
-        m.train()
-    try:
-        forward()
-    finally:
-        for m, (mom, _) in zip(bns, saved):
-            m.momentum = mom
-    return model.eval()
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,7 +273,7 @@ def resolve_detector_config(name: str) -> str:
         import mmdet
         return os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs', MMDET_R50_CONFIG)
     if name in ('m0', 'm1', 'm2', 'm3', 'm4', 'm5'):
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
         path = os.path.join(root, 'configs', f'retinanet_efficientvit_{name}_coco.py')
         if not os.path.isfile(path):
             raise FileNotFoundError(f'{path} not found: pass a config path instead of {name!r}')
@@ -330,23 +283,15 @@ def resolve_detector_config(name: str) -> str:
     return name
 
 
-def build_detector_from_config(config: str, device='cpu', attn_impl: Optional[str] = None,
+def build_detector_from_config(config: str, device='cpu', attn_backend: Optional[str] = None,
                                cfg_options: Optional[dict] = None) -> nn.Module:
-    """Build a detector from a config with no pretrained downloads; eval mode, on ``device``."""
-    import efficientvit_det  # noqa: F401  (registers our modules)
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
-    from mmdet.registry import MODELS
-    cfg = Config.fromfile(resolve_detector_config(config))
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    init_default_scope(cfg.get('default_scope', 'mmdet'))
-    cfg.model.backbone.init_cfg = None  # nothing to download or load
-    if attn_impl is not None and cfg.model.backbone.type == 'EfficientViT':
-        cfg.model.backbone.attn_impl = attn_impl
-    model = MODELS.build(cfg.model)
-    model.cfg = cfg
-    return model.to(device).eval()
+    """A detector from a config (``m0``..``m5``, ``r50`` or a path), random initial weights,
+    nothing downloaded or loaded; eval mode, on ``device``."""
+    from efficientvit_det.apis import init_detector
+    model = init_detector(resolve_detector_config(config), None, device, cfg_options)
+    if attn_backend is not None and hasattr(model.backbone, 'set_attn_backend'):
+        model.backbone.set_attn_backend(attn_backend)
+    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,31 +373,11 @@ def run_isolated(target: str, timeout: float = 1800, **kwargs) -> Any:
     proc.start()
     try:
         status, result = queue.get(timeout=timeout)
-    except Exception:  # noqa: BLE001 - timeout or a dead child
+    except Exception as exc:  # noqa: BLE001 - timeout or a dead child
         proc.kill()
         proc.join()
-        raise RuntimeError(f'{target} did not report back (exit code {proc.exitcode})')
+        raise RuntimeError(f'{target} did not report back (exit code {proc.exitcode})') from exc
     proc.join()
     if status != 'ok':
         raise RuntimeError(f'{target} failed in its subprocess:\n{result}')
     return result
-
-
-def saved_tensor_bytes(call: Callable[[], Any], exclude: Sequence[torch.Tensor] = ()) -> int:
-    """Bytes autograd saves for backward while ``call()`` runs, each storage counted once and
-    the storages of ``exclude`` (inputs, weights: they exist anyway) not at all."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen, total = set(), 0
-
-    def pack(t):
-        nonlocal total
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip and ptr not in seen:
-            seen.add(ptr)
-            total += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = call()
-    del out
-    return total

@@ -11,7 +11,7 @@ Competitors, all on the same (BN-folded) weights:
 
 Shapes: m4's three stages for an 800x1344 image (C=128 @ 50x84, 256 @ 25x42, 384 @ 13x21; 4 heads,
 kernels 7,5,3,3, key_dim 16). Modes: forward (no grad) and forward+backward (grads of x and of
-all weights). Timing follows REFERENCE.md section 5: allocator warmed by a large pass first,
+all weights). Timing follows docs/design.md "Measuring": allocator warmed by a large pass first,
 competitors interleaved in one process, median of repeats with quartiles.
 
 FLOPs are the nominal count of the original computation (every padded token, the real dw kernel
@@ -23,8 +23,7 @@ allocated through PyTorch's CPU allocator during the call (torch.profiler memory
 cumulative sum of allocations/frees, so it covers the extension's scratch too, not memory that
 oneDNN/MKL allocate privately), plus the bytes autograd saves for backward besides the inputs.
 
-Usage: ``python -m efficientvit_det.benchmarks.attention [--repeats 20] [--json out.json]``
-(``tools/benchmark.py attention ...`` forwards here).
+Usage, from the repository root: ``python -m benchmarks attention [--repeats 20] [--json out.json]``.
 """
 from __future__ import annotations
 
@@ -35,66 +34,19 @@ import tempfile
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from efficientvit_det.benchmarks import common
+from benchmarks import common
 from efficientvit_det.ops import cascaded_group_attention
 from efficientvit_det.ops.cga import resolve_backend
 from efficientvit_det.ops.cga_reference import cga_reference
+from efficientvit_det.testing import fold_timm_attention, saved_tensor_bytes, timm_window_attention
 
-__all__ = ['main', 'build_timm_attention', 'fold_timm_attention', 'nominal_flops',
-           'M4_STAGES']
+__all__ = ['main', 'nominal_flops', 'M4_STAGES']
 
 # (name, C, H, W) of m4 at 800x1344 (strides 16, 32, 64), 4 heads, kernels 7,5,3,3
 M4_STAGES = [('stage1', 128, 50, 84), ('stage2', 256, 25, 42), ('stage3', 384, 13, 21)]
 HEADS, KERNELS, KEY_DIM, WS = 4, (7, 5, 3, 3), 16, 7
 CASES = ('timm', 'reference', 'fused', 'compiled')
-
-
-# --------------------------------------------------------------------------------------------
-# the timm module and its folded weights
-# --------------------------------------------------------------------------------------------
-def build_timm_attention(C: int, heads: int = HEADS, kernels: Sequence[int] = KERNELS,
-                         key_dim: int = KEY_DIM, ws: int = WS, seed: int = 0):
-    """timm ``LocalWindowAttention`` with randomised weights and BN statistics, eval mode.
-
-    ``resolution`` is set large so the window stays ``ws`` for any input (the original's
-    detection behaviour: pad + partition unless the map is exactly one window).
-    """
-    from timm.models.efficientvit_msra import LocalWindowAttention
-    mod = LocalWindowAttention(C, key_dim, num_heads=heads, attn_ratio=(C // heads) / key_dim,
-                               resolution=1 << 16, window_resolution=ws, kernels=tuple(kernels))
-    common.randomize_(mod, seed)
-    return mod.eval()
-
-
-def _fold(conv_norm):
-    bn = conv_norm.bn
-    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    w = conv_norm.conv.weight * s.view(-1, *([1] * (conv_norm.conv.weight.dim() - 1)))
-    return w, bn.bias - bn.running_mean * s
-
-
-def fold_timm_attention(mod) -> Dict[str, torch.Tensor]:
-    """The op's weight arguments from a timm ``LocalWindowAttention`` (BN folded, eval stats)."""
-    attn = mod.attn
-    heads = attn.num_heads
-    K = max(dw.conv.kernel_size[0] for dw in attn.dws)
-    qkv_w, qkv_b, dw_w, dw_b = [], [], [], []
-    for qkv, dw in zip(attn.qkvs, attn.dws):
-        w, b = _fold(qkv)
-        qkv_w.append(w[:, :, 0, 0])
-        qkv_b.append(b)
-        w, b = _fold(dw)
-        pad = (K - w.shape[-1]) // 2
-        dw_w.append(F.pad(w[:, 0], (pad, pad, pad, pad)))
-        dw_b.append(b)
-    pw, pb = _fold(attn.proj[1])
-    ab = attn.attention_biases
-    assert ab.shape == (heads, attn.resolution ** 2)
-    return dict(qkv_weight=torch.stack(qkv_w), qkv_bias=torch.stack(qkv_b),
-                dw_weight=torch.stack(dw_w), dw_bias=torch.stack(dw_b), attn_bias=ab,
-                proj_weight=pw[:, :, 0, 0], proj_bias=pb)
 
 
 def nominal_flops(B: int, C: int, H: int, W: int, heads: int = HEADS,
@@ -117,16 +69,18 @@ def nominal_flops(B: int, C: int, H: int, W: int, heads: int = HEADS,
 class _Setup:
     """Inputs, weights and callables of one stage shape."""
 
-    def __init__(self, C, H, W, batch, device, seed, compile_ref: bool):
+    def __init__(self, C, H, W, batch, device, seed, compile_ref: bool,
+                 dtype: torch.dtype = torch.float32):
         self.C, self.H, self.W, self.B = C, H, W, batch
         self.device = device
-        self.mod = build_timm_attention(C, seed=seed).to(device)
-        with torch.no_grad():
-            self.params = {k: v.detach().clone().contiguous()
+        self.mod = timm_window_attention(C, HEADS, KERNELS, KEY_DIM, WS, seed=seed)
+        with torch.no_grad():  # folded in float32, then every tensor in the benchmark's dtype
+            self.params = {k: v.detach().to(device, dtype).contiguous()
                            for k, v in fold_timm_attention(self.mod).items()}
+        self.mod = self.mod.to(device, dtype)
         g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(batch, C, H, W, generator=g).to(device)
-        self.gy = torch.randn(batch, C, H, W, generator=g).to(device)
+        self.x = torch.randn(batch, C, H, W, generator=g).to(device, dtype)
+        self.gy = torch.randn(batch, C, H, W, generator=g).to(device, dtype)
         self.fused_backend = resolve_backend('auto', self.x)
         self.compiled = torch.compile(cga_reference, dynamic=False) if compile_ref else None
 
@@ -214,7 +168,7 @@ def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
 def _saved_bytes(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                  exclude: Sequence[torch.Tensor]) -> int:
     """Bytes autograd saves for backward, not counting tensors that exist anyway (inputs)."""
-    return common.saved_tensor_bytes(lambda: fn(x), exclude)
+    return saved_tensor_bytes(lambda: fn(x), exclude)
 
 
 def _memory(setup: _Setup, case: str) -> Dict[str, Any]:
@@ -242,13 +196,19 @@ def _gemm_case(device: torch.device) -> Callable[[], Any]:
 # --------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------
+DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog='benchmark attention',
+        prog='python -m benchmarks attention',
         description='Windowed cascaded group attention: timm (original-style windows), '
                     'reference, fused, torch.compile(reference) at m4 stage shapes for an '
                     '800x1344 image; forward and forward+backward, FLOPs and peak memory.')
-    p.add_argument('--batch', type=int, default=1, help='images per call (default: %(default)s)')
+    p.add_argument('--batch', default=None,
+                   help='comma list of images per call (default: 1 on CPU, 1,8 on CUDA)')
+    p.add_argument('--dtypes', default=None,
+                   help='comma list of fp32,fp16,bf16 (default: fp32 on CPU, all on CUDA)')
     p.add_argument('--stages', default='stage1,stage2,stage3',
                    help='comma list of stage1,stage2,stage3 (default: %(default)s)')
     p.add_argument('--cases', default=','.join(CASES),
@@ -260,30 +220,78 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    device = common.setup_from_args(args)
+def _parse_lists(args: argparse.Namespace, device: torch.device):
+    cuda = device.type == 'cuda'
+    batches = [int(b) for b in (args.batch or ('1,8' if cuda else '1')).split(',') if b]
+    names = [d for d in (args.dtypes or ('fp32,fp16,bf16' if cuda else 'fp32')).split(',') if d]
+    if set(names) - set(DTYPES) or not names:
+        raise SystemExit(f'--dtypes: choose from {",".join(DTYPES)}, got {args.dtypes!r}')
     cases = [c for c in args.cases.split(',') if c]
     if args.no_compile and 'compiled' in cases:
         cases.remove('compiled')
-    unknown = set(cases) - set(CASES)
-    if unknown:
-        raise SystemExit(f'unknown cases: {sorted(unknown)}')
+    if set(cases) - set(CASES):
+        raise SystemExit(f'unknown cases: {sorted(set(cases) - set(CASES))}')
     stages = [s for s in M4_STAGES if s[0] in args.stages.split(',')]
     if not stages:
         raise SystemExit('no stage selected')
+    return batches, names, cases, stages
+
+
+def _measure(st: _Setup, cases, modes, args, device, progress, label) -> Dict[str, Any]:
+    """Timings (and fwd+bwd memory) of every case on one setup."""
+    flops = nominal_flops(st.B, st.C, st.H, st.W)
+    entry: Dict[str, Any] = dict(C=st.C, H=st.H, W=st.W, batch=st.B, fused_backend=st.fused_backend,
+                                 nominal_mflop_fwd=flops / 1e6, modes={})
+    for mode in modes:
+        fns = {c: (st.fwd(c) if mode == 'fwd' else st.fwdbwd(c)) for c in cases}
+        timing = common.time_interleaved(fns, args.repeats, args.warmup, device, progress,
+                                         f'{label} {mode}')
+        mode_flops = flops if mode == 'fwd' else 3 * flops
+        entry['modes'][mode] = {c: dict(time=timing[c],
+                                        gflops=mode_flops / (timing[c]['median_ms'] * 1e-3) / 1e9)
+                                for c in cases}
+    if 'fwd+bwd' in modes and not args.no_memory:
+        entry['memory_fwd_bwd'] = {}
+        for c in cases:
+            progress.update(f'[{label}] memory: {c}', force=True)
+            entry['memory_fwd_bwd'][c] = _memory(st, c)
+    return entry
+
+
+def _rows(label: str, entry: Dict[str, Any], cases, modes) -> list:
+    fwd_base = entry['modes']['fwd'].get('timm' if 'timm' in cases else 'reference', {})
+    fb_base = entry['modes'].get('fwd+bwd', {}).get('reference', {})
+    base = {'fwd': fwd_base.get('time', {}).get('median_ms'),
+            'fwd+bwd': fb_base.get('time', {}).get('median_ms')}
+    rows = []
+    for c in cases:
+        for mode in modes:
+            r = entry['modes'][mode][c]
+            mem = entry.get('memory_fwd_bwd', {}).get(c) if mode == 'fwd+bwd' else None
+            vs = f"{base[mode] / r['time']['median_ms']:.2f}x" if base[mode] else ''
+            mflop = entry['nominal_mflop_fwd'] * (1 if mode == 'fwd' else 3)
+            rows.append([label, mode, c, common.fmt_ms(r['time']), vs, f'{mflop:.0f}',
+                         f"{r['gflops']:.0f}", f"{mem['peak_mb']:.1f}" if mem else '',
+                         f"{mem['saved_for_backward_mb']:.1f}" if mem else ''])
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    device = common.setup_from_args(args)
+    batches, dtype_names, cases, stages = _parse_lists(args, device)
     progress = common.Progress(enabled=not args.quiet)
-    setups = {name: _Setup(C, H, W, args.batch, device, args.seed + i, 'compiled' in cases)
-              for i, (name, C, H, W) in enumerate(stages)}
-    big = setups[stages[0][0]]
+    modes = ['fwd'] + ([] if args.no_backward else ['fwd+bwd'])
+    big = _Setup(*stages[0][1:], max(batches), device, args.seed, False)
 
     def allocator_warmup():  # a large pass: the biggest map through the reference, fwd+bwd
         for c in ('reference', 'timm'):
             if c in cases:
                 big.fwdbwd(c)()
 
-    results: Dict[str, Any] = dict(machine=common.machine_info(device), batch=args.batch,
-                                   repeats=args.repeats, warmup=args.warmup, stages={})
+    results: Dict[str, Any] = dict(machine=common.machine_info(device), batches=batches,
+                                   dtypes=dtype_names, repeats=args.repeats, warmup=args.warmup,
+                                   stages={})
     results['machine']['fused_backend'] = big.fused_backend
     gemm = common.time_interleaved({'gemm': _gemm_case(device)}, max(args.repeats, 20),
                                    args.warmup, device, progress, 'gemm', allocator_warmup)
@@ -291,54 +299,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     gemm_gflops = 2 * 4704 * 128 * 128 / (gemm_ms * 1e-3) / 1e9
     results['gemm_4704x128x128'] = dict(time=gemm['gemm'], gflops=gemm_gflops)
     rows = []
-    modes = ['fwd'] + ([] if args.no_backward else ['fwd+bwd'])
-    for name, C, H, W in stages:
-        st = setups[name]
-        flops = nominal_flops(args.batch, C, H, W)
-        entry: Dict[str, Any] = dict(C=C, H=H, W=W, nominal_mflop_fwd=flops / 1e6, modes={})
-        for mode in modes:
-            fns = {c: (st.fwd(c) if mode == 'fwd' else st.fwdbwd(c)) for c in cases}
-            timing = common.time_interleaved(fns, args.repeats, args.warmup, device, progress,
-                                             f'{name} {mode}')
-            mode_flops = flops if mode == 'fwd' else 3 * flops
-            entry['modes'][mode] = {}
-            for c in cases:
-                t = timing[c]
-                gf = mode_flops / (t['median_ms'] * 1e-3) / 1e9
-                entry['modes'][mode][c] = dict(time=t, gflops=gf)
-        if not args.no_backward and not args.no_memory:
-            entry['memory_fwd_bwd'] = {}
-            for c in cases:
-                progress.update(f'[{name}] memory: {c}', force=True)
-                entry['memory_fwd_bwd'][c] = _memory(st, c)
-        results['stages'][name] = entry
-        timm_fwd = entry['modes']['fwd'].get('timm', {}).get('time', {}).get('median_ms')
-        ref_fb = entry['modes'].get('fwd+bwd', {}).get('reference', {}).get('time', {}) \
-            .get('median_ms')
-        for c in cases:
-            for mode in modes:
-                r = entry['modes'][mode][c]
-                mem = entry.get('memory_fwd_bwd', {}).get(c) if mode == 'fwd+bwd' else None
-                vs = ''
-                if mode == 'fwd' and timm_fwd:
-                    vs = f"{timm_fwd / r['time']['median_ms']:.2f}x"
-                elif mode == 'fwd+bwd' and ref_fb:
-                    vs = f"{ref_fb / r['time']['median_ms']:.2f}x"
-                rows.append([f'{name} C={C} {H}x{W}', mode, c, common.fmt_ms(r['time']), vs,
-                             f"{(flops if mode == 'fwd' else 3 * flops) / 1e6:.0f}",
-                             f"{r['gflops']:.0f}",
-                             f"{mem['peak_mb']:.1f}" if mem else '',
-                             f"{mem['saved_for_backward_mb']:.1f}" if mem else ''])
+    for i, (name, C, H, W) in enumerate(stages):
+        for dname in dtype_names:
+            for b in batches:
+                st = _Setup(C, H, W, b, device, args.seed + i, 'compiled' in cases, DTYPES[dname])
+                label = f'{name} C={C} {H}x{W} B={b} {dname}'
+                entry = _measure(st, cases, modes, args, device, progress, label)
+                results['stages'][f'{name}/{dname}/B{b}'] = dict(entry, stage=name, dtype=dname)
+                rows += _rows(label, entry, cases, modes)
     progress.done()
     headers = ['shape', 'mode', 'impl', 'ms median (IQR)', 'speed-up', 'MFLOP', 'GFLOP/s',
                'peak MB', 'saved MB']
     print(f"device: {results['machine'].get('gpu') or results['machine']['cpu']}, "
-          f"threads {torch.get_num_threads()}, batch {args.batch}, fused backend "
-          f"{big.fused_backend}, repeats {args.repeats}")
+          f"threads {torch.get_num_threads()}, fused backend {results['machine']['fused_backend']},"
+          f" repeats {args.repeats}")
     print(f'plain fp32 GEMM 4704x128x128: {gemm_ms:.3f} ms = {gemm_gflops:.0f} GFLOP/s')
-    print('speed-up: fwd vs timm (original-style windows); fwd+bwd vs reference. MFLOP: nominal '
-          '(original computation; fwd+bwd = 3x fwd). peak MB: fwd+bwd peak of tensor memory; '
-          'saved MB: kept for backward beyond the inputs.')
+    print('speed-up: fwd vs timm (original-style windows; vs reference without timm); fwd+bwd vs '
+          'reference. MFLOP: nominal (original computation; fwd+bwd = 3x fwd). peak MB: fwd+bwd '
+          'peak of tensor memory; saved MB: kept for backward beyond the inputs.')
     print(common.format_table(headers, rows))
     common.write_json(args.json, results)
     return results
