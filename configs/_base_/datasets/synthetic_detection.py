@@ -6,7 +6,7 @@
 dataset_type = 'SafeCocoDataset'
 data_root = 'data/synthetic/'
 backend_args = None
-img_scale = (256, 256)  # the generator's default image size
+img_scale = (128, 128)  # the generator's default image size
 metainfo = dict(
     classes=('circle', 'square', 'triangle', 'star', 'ring', 'cross'),
     palette=[(220, 20, 60), (0, 160, 0), (0, 60, 230), (230, 190, 0), (200, 0, 200),
