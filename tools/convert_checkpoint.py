@@ -1,10 +1,25 @@
 #!/usr/bin/env python
-"""Convert an MSRA (original) or timm EfficientViT classification checkpoint into a clean
-backbone checkpoint (our key layout, 7x7 bias tables, no classifier keys).
+"""Convert EfficientViT checkpoints to this project's layout.
 
-    python tools/convert_checkpoint.py efficientvit_m4.pth checkpoints/efficientvit_m4_backbone.pth --arch m4
+Classification (MSRA original or timm) -> a clean backbone checkpoint (our key layout, 7x7 bias
+tables, no classifier keys)::
+
+    python tools/convert_checkpoint.py efficientvit_m4.pth \
+        checkpoints/efficientvit_m4_backbone.pth --arch m4
 
 The output loads with ``backbone.init_cfg=dict(type='Pretrained', checkpoint=OUT)``.
+
+Detector (the original code's released mmdet 2.x files, e.g.
+``retinanet_efficientvit_m4_fpn_1x_coco.pth``) -> the same detector in our layout for good
+(backbone and neck keys renamed, ``attention_bias_idxs`` buffers dropped, mmdet 2 ``CLASSES``
+-> ``dataset_meta``, the optimizer state left out); ``--config`` also loads the result strictly
+into that config to check it::
+
+    python tools/convert_checkpoint.py retinanet_efficientvit_m4_fpn_1x_coco.pth \
+        checkpoints/retinanet_efficientvit_m4_coco.pth \
+        --config configs/retinanet_efficientvit_m4_coco.py
+
+(The released files also load as they are: this rewrite only saves the conversion at every load.)
 """
 from __future__ import annotations
 
@@ -16,35 +31,92 @@ import torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('src', help='MSRA or timm checkpoint (.pth)')
-    p.add_argument('dst', help='output backbone checkpoint')
-    p.add_argument('--arch', default='m4', help="backbone arch the weights belong to ('m0'..'m5')")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('src',
+                   help='MSRA / timm classification checkpoint, or a detector checkpoint')
+    p.add_argument('dst', help='output checkpoint')
+    p.add_argument('--arch', default='m4',
+                   help="classification checkpoints: the backbone arch ('m0'..'m5')")
+    p.add_argument('--config',
+                   help='detector checkpoints: load the result strictly into this config')
     p.add_argument('--force', action='store_true', help='overwrite dst if it exists')
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def _save_atomic(obj: dict, dst: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    tmp = dst + '.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, dst)  # never leave a half-written file under the final name
+
+
+def convert_backbone(args: argparse.Namespace) -> int:
     from efficientvit_det.models.backbones.efficientvit import EfficientViT
     from efficientvit_det.models.backbones.efficientvit_checkpoint import load_pretrained
 
-    if os.path.exists(args.dst) and not args.force:
-        print(f'error: {args.dst} exists; pass --force to overwrite', file=sys.stderr)
-        return 2
     backbone = EfficientViT(args.arch)
     missing, unexpected = load_pretrained(backbone, args.src)
     if missing:
         print(f'error: the checkpoint lacks {len(missing)} backbone tensors (e.g. {missing[:3]}); '
               'not writing a partial backbone', file=sys.stderr)
         return 1
-    os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
-    tmp = args.dst + '.tmp'
-    torch.save({'state_dict': backbone.state_dict(), 'meta': {'arch': args.arch, 'source': args.src}}, tmp)
-    os.replace(tmp, args.dst)  # never leave a half-written file under the final name
+    _save_atomic({'state_dict': backbone.state_dict(),
+                  'meta': {'arch': args.arch, 'source': args.src}}, args.dst)
     print(f'wrote {args.dst}: {len(backbone.state_dict())} tensors (arch {args.arch}); '
           f'ignored {len(unexpected)} unexpected keys')
     return 0
+
+
+def convert_detector(args: argparse.Namespace, checkpoint: dict) -> int:
+    from efficientvit_det.apis import init_detector
+    from efficientvit_det.models.backbones.efficientvit_checkpoint import CheckpointLayoutError
+    from efficientvit_det.models.detector_checkpoint import convert_detector_checkpoint
+
+    try:
+        converted, report = convert_detector_checkpoint(checkpoint)
+    except CheckpointLayoutError as e:
+        print(f'error: {args.src}: {e}', file=sys.stderr)
+        return 1
+    converted['meta'].setdefault('source_meta', {})['converted_from'] = os.path.basename(args.src)
+    _save_atomic(converted, args.dst)
+    for line in report:
+        print(line)
+    print(f'wrote {args.dst}: {len(converted["state_dict"])} tensors')
+    if args.config:
+        init_detector(args.config, args.dst, device='cpu', strict=True)  # raises on a mismatch
+        print(f'checked: loads strictly into {args.config}')
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from efficientvit_det.models.backbones.efficientvit_checkpoint import (
+        CheckpointLayoutError,
+        UnsafeCheckpointError,
+        load_checkpoint_file,
+    )
+    from efficientvit_det.models.detector_checkpoint import is_detector_checkpoint
+
+    if os.path.exists(args.dst) and not args.force:
+        print(f'error: {args.dst} exists; pass --force to overwrite', file=sys.stderr)
+        return 2
+    try:
+        checkpoint = load_checkpoint_file(args.src)
+    except (FileNotFoundError, UnsafeCheckpointError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    if is_detector_checkpoint(checkpoint):
+        return convert_detector(args, checkpoint)
+    if args.config:
+        print('error: --config is for detector checkpoints; this one holds no backbone.* keys',
+              file=sys.stderr)
+        return 2
+    try:
+        return convert_backbone(args)
+    except CheckpointLayoutError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
 
 
 if __name__ == '__main__':

@@ -1,0 +1,9 @@
+# Mask R-CNN + EfficientViT-M3 + EfficientViTFPN, COCO 2017 instances, 1x: the M4 recipe
+# with another backbone (only the arch, its checkpoint and the neck's input channels change).
+_base_ = './mask_rcnn_efficientvit_m4_coco.py'
+
+model = dict(
+    backbone=dict(
+        arch='m3',
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/efficientvit_m3.pth')),
+    neck=dict(in_channels=[128, 240, 320]))
