@@ -1,16 +1,16 @@
 # Mask R-CNN + EfficientViT-M4 on the built-in synthetic shapes dataset (boxes + masks),
 # trained from scratch on a CPU: the Mask R-CNN counterpart of retinanet_efficientvit_m0_demo.py.
 #
-#   python -m efficientvit_det.datasets.synthetic --out data/synthetic   # 800 + 200 images
+#   python -m efficientvit_det.datasets.synthetic --out data/synthetic   # 2000 + 200 images
 #   python tools/train.py configs/mask_rcnn_efficientvit_m4_synthetic.py
 #   python tools/test.py configs/mask_rcnn_efficientvit_m4_synthetic.py work_dirs/.../epoch_5.pth
 #
 # Same detector as the COCO config (EfficientViT-M4, EfficientViTFPN with two transposed convs,
 # mmdet's standard RPN / RoI heads), adapted to a 2-core CPU budget and to this dataset:
 #   * no ImageNet checkpoint: backbone from scratch, its BatchNorms train (norm_eval=False);
-#   * 256 px images; neck and heads 128 channels wide (box head fc 512) instead of 256 / 1024,
-#     256 sampled RoIs per image instead of 512;
-#   * RPN anchor scale 4 instead of 8 (objects here are 13-128 px: the smallest anchor is
+#   * 128 px images (the dataset default); neck and heads 128 channels wide (box head fc 512)
+#     instead of 256 / 1024, 256 sampled RoIs per image instead of 512;
+#   * RPN anchor scale 4 instead of 8 (objects here are 15-58 px: the smallest anchor is
 #     16 px instead of 32);
 #   * 6 classes; AdamW lr 1e-3 (from scratch, batch 8), warm-up 100 iterations, lr x0.1 for
 #     the last epoch, gradient clipping; validation only at the end.

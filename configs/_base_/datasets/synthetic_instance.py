@@ -4,7 +4,7 @@
 #   python -m efficientvit_det.datasets.synthetic --out data/synthetic
 _base_ = './synthetic_detection.py'
 backend_args = None
-img_scale = (256, 256)  # the generator's default image size
+img_scale = (128, 128)  # the generator's default image size
 
 train_pipeline = [
     dict(type='RobustLoadImageFromFile', on_error='skip', backend_args=backend_args),
