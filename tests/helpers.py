@@ -1,11 +1,38 @@
-"""Test-only utilities: timm <-> MSRA key renaming, timm stage outputs, a relative closeness
-assert (randomised weights and oracles shared with the benchmarks: efficientvit_det.testing)."""
+"""Test-only utilities: inputs of the fused attention op, timm <-> MSRA key renaming, timm stage
+outputs, a relative closeness assert (randomised weights and oracles shared with the benchmarks:
+efficientvit_det.testing)."""
 from __future__ import annotations
 
 import re
-from typing import Dict
+from typing import Dict, List, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
+
+
+def cga_inputs(B: int, C: int, H: int, W: int, heads: int, kernels: Sequence[int],
+               key_dim: int = 16, ws: int = 7, dtype: torch.dtype = torch.float64,
+               seed: int = 0, val_dim: Optional[int] = None, device='cpu') -> List[Tensor]:
+    """Random BN-folded weights in the fused op's layout, ``[x, qkv_weight, qkv_bias,
+    dw_weight, dw_bias, attn_bias, proj_weight, proj_bias]`` (drawn in float64, returned in
+    ``dtype`` on ``device``; smaller kernels zero-embedded at the centre of ``K x K``)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    cin = C // heads
+    vd = cin if val_dim is None else val_dim
+    K = max(kernels)
+    x = r(B, C, H, W)
+    qkv_w = r(heads, 2 * key_dim + vd, cin) * cin ** -0.5
+    qkv_b = r(heads, 2 * key_dim + vd) * 0.5
+    dw_w = torch.zeros(heads, key_dim, K, K, dtype=torch.float64)
+    for h, k in enumerate(kernels):
+        o = (K - k) // 2
+        dw_w[h, :, o:o + k, o:o + k] = r(key_dim, k, k) / k
+    dw_b = r(heads, key_dim) * 0.1
+    ab = r(heads, ws * ws)
+    pw = r(C, heads * vd) * (heads * vd) ** -0.5
+    pb = r(C) * 0.1
+    return [t.to(device, dtype) for t in (x, qkv_w, qkv_b, dw_w, dw_b, ab, pw, pb)]
 
 
 def timm_to_msra(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:

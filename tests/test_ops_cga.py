@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import cga_inputs
 
 from efficientvit_det.ops import available_backends, cascaded_group_attention
 from efficientvit_det.ops import cga as cga_mod
@@ -25,24 +26,7 @@ needs_cpu = pytest.mark.skipif(not CPU_OK, reason=f'C++ extension not built: {CP
 # inputs
 # ------------------------------------------------------------------------------------------
 def make_inputs(B, C, H, W, heads, kernels, key_dim=16, ws=7, dtype=torch.float32, seed=0):
-    """Random BN-folded weights in the op's layout (small kernels zero-embedded in KxK)."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    cin = C // heads
-    vd = cin
-    K = max(kernels)
-    x = r(B, C, H, W)
-    qkv_w = r(heads, 2 * key_dim + vd, cin) * cin ** -0.5
-    qkv_b = r(heads, 2 * key_dim + vd) * 0.5
-    dw_w = torch.zeros(heads, key_dim, K, K, dtype=torch.float64)
-    for h, k in enumerate(kernels):
-        o = (K - k) // 2
-        dw_w[h, :, o:o + k, o:o + k] = r(key_dim, k, k) / k
-    dw_b = r(heads, key_dim) * 0.1
-    ab = r(heads, ws * ws)
-    pw = r(C, heads * vd) * (heads * vd) ** -0.5
-    pb = r(C) * 0.1
-    return [t.to(dtype) for t in (x, qkv_w, qkv_b, dw_w, dw_b, ab, pw, pb)]
+    return cga_inputs(B, C, H, W, heads, kernels, key_dim, ws, dtype, seed)
 
 
 def rel_err(a, b):

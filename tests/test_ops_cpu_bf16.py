@@ -25,6 +25,7 @@ from typing import List, Sequence, Tuple
 
 import pytest
 import torch
+from helpers import cga_inputs
 
 from efficientvit_det.ops.cga_reference import cga_reference
 from efficientvit_det.testing import max_rel_err
@@ -70,23 +71,8 @@ def _restore_isa():
 def make_inputs(B, C, H, W, heads, kernels, seed=0, kd=KD, ws=WS, vd=None
                 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """bf16 x and float32 BN-folded-like weights (small kernels zero-embedded in K x K)."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    cin = C // heads
-    vd = vd or cin
-    K = max(kernels)
-    x = r(B, C, H, W).bfloat16()
-    qkv_w = r(heads, 2 * kd + vd, cin) * cin ** -0.5
-    qkv_b = r(heads, 2 * kd + vd) * 0.5
-    dw_w = torch.zeros(heads, kd, K, K)
-    for h, k in enumerate(kernels):
-        o = (K - k) // 2
-        dw_w[h, :, o:o + k, o:o + k] = r(kd, k, k) / k
-    dw_b = r(heads, kd) * 0.1
-    ab = r(heads, ws * ws)
-    pw = r(C, heads * vd) * (heads * vd) ** -0.5
-    pb = r(C) * 0.1
-    return x, [qkv_w, qkv_b, dw_w, dw_b, ab, pw, pb]
+    x, *weights = cga_inputs(B, C, H, W, heads, kernels, kd, ws, torch.float32, seed, vd)
+    return x.bfloat16(), weights
 
 
 def ref_grads(x, weights, gy, autocast=False, kd=KD, ws=WS):

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import cga_inputs
 
 from efficientvit_det.models.backbones.efficientvit import EfficientViT, LocalWindowAttention
 from efficientvit_det.ops import BACKENDS, cascaded_group_attention, cpu_extension_status
@@ -29,20 +30,7 @@ DEVICES = [
 
 def make_inputs(C=32, heads=2, kernels=(5, 3), H=9, W=12, B=2, key_dim=16, device='cpu',
                 dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cin = C // heads
-    K = max(kernels)
-
-    def r(*s, scale=1.):
-        return (torch.randn(*s, generator=g) * scale).to(device, dtype)
-
-    dw = torch.zeros(heads, key_dim, K, K)
-    for h, k in enumerate(kernels):
-        o = (K - k) // 2
-        dw[h, :, o:o + k, o:o + k] = torch.randn(key_dim, k, k, generator=g) / k
-    return [r(B, C, H, W), r(heads, 2 * key_dim + cin, cin, scale=cin ** -0.5),
-            r(heads, 2 * key_dim + cin, scale=0.5), dw.to(device, dtype), r(heads, key_dim, scale=0.1),
-            r(heads, 49), r(C, C, scale=C ** -0.5), r(C, scale=0.1)]
+    return cga_inputs(B, C, H, W, heads, kernels, key_dim, dtype=dtype, seed=seed, device=device)
 
 
 def rel_err(a, b):
