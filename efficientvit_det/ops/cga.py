@@ -105,19 +105,33 @@ def _triton_status(device: torch.device) -> Tuple[bool, str]:
     return True, 'interpreter' if device.type != 'cuda' else ''
 
 
+def _backend_error(name: str, device: torch.device, dtype: torch.dtype) -> Optional[Exception]:
+    """Why the fused backend ``name`` (``cpu`` | ``triton``) cannot run a ``dtype`` tensor on
+    ``device``, as the exception an explicit request raises; ``None`` when it can."""
+    if name == 'cpu':
+        ext, why = _cpu_extension()
+        if ext is None:
+            return RuntimeError(f'attention backend "cpu" unavailable: {why}')
+        if device.type != 'cpu':
+            return ValueError(f'attention backend "cpu" needs CPU tensors, got {device}')
+        if dtype not in _CPU_DTYPES:
+            return TypeError(f'attention backend "cpu" takes {_CPU_DTYPES}, got {dtype}')
+        return None
+    ok, why = _triton_status(device)
+    if not ok:
+        return RuntimeError(f'attention backend "triton" unavailable: {why}')
+    if dtype not in _TRITON_DTYPES:
+        return TypeError(f'attention backend "triton" takes {_TRITON_DTYPES}, got {dtype}')
+    return None
+
+
 def _fused_status(device: torch.device, dtype: torch.dtype) -> Tuple[Optional[str], str]:
     """The fused backend for ``device``/``dtype`` and ``''``, or ``None`` and why not."""
-    if device.type == 'cuda':
-        ok, why = _triton_status(device)
-        if ok and dtype not in _TRITON_DTYPES:
-            ok, why = False, f'the Triton kernels take {_TRITON_DTYPES}, got {dtype}'
-        return ('triton', '') if ok else (None, why)
-    if device.type == 'cpu':
-        ext, why = _cpu_extension()
-        if ext is not None and dtype not in _CPU_DTYPES:
-            ext, why = None, f'the C++ kernel takes {_CPU_DTYPES}, got {dtype}'
-        return ('cpu', '') if ext is not None else (None, why)
-    return None, f'no fused kernel for {device.type} tensors'
+    name = {'cuda': 'triton', 'cpu': 'cpu'}.get(device.type)
+    if name is None:
+        return None, f'no fused kernel for {device.type} tensors'
+    error = _backend_error(name, device, dtype)
+    return (name, '') if error is None else (None, str(error))
 
 
 def available_backends(device='cpu') -> List[str]:
@@ -157,20 +171,9 @@ def resolve_backend(backend: str, x: Tensor) -> str:
 
 def _require(name: str, x: Tensor) -> None:
     """Raise with the reason if the explicitly requested backend ``name`` cannot run ``x``."""
-    if name == 'cpu':
-        ext, why = _cpu_extension()
-        if ext is None:
-            raise RuntimeError(f'attention backend "cpu" unavailable: {why}')
-        if x.device.type != 'cpu':
-            raise ValueError(f'attention backend "cpu" needs CPU tensors, got {x.device}')
-        if x.dtype not in _CPU_DTYPES:
-            raise TypeError(f'attention backend "cpu" takes {_CPU_DTYPES}, got {x.dtype}')
-    elif name == 'triton':
-        ok, why = _triton_status(x.device)
-        if not ok:
-            raise RuntimeError(f'attention backend "triton" unavailable: {why}')
-        if x.dtype not in _TRITON_DTYPES:
-            raise TypeError(f'attention backend "triton" takes {_TRITON_DTYPES}, got {x.dtype}')
+    error = _backend_error(name, x.device, x.dtype)
+    if error is not None:
+        raise error
 
 
 def _kernels(backend: str):
