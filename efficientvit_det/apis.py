@@ -6,8 +6,8 @@
   the checkpoint's meta, optionally in deploy mode (:func:`efficientvit_det.deploy.deploy_model`);
 * :func:`build_runner` / :func:`setup_cpu_distributed`: an mmengine Runner, with gloo + CPU DDP
   when CUDA is missing;
-* :func:`prepare_inference`: deploy mode and the inference precision (``auto`` | ``fp32`` |
-  ``bf16``, :mod:`efficientvit_det.precision`) applied to a built detector;
+* :func:`prepare_inference` (from :mod:`efficientvit_det.deploy`): deploy mode and the
+  inference precision (``auto`` | ``fp32`` | ``bf16``) applied to a built detector;
 * :func:`resolve_device`, :func:`collect_images`, :func:`detect_images`: inference on files.
 """
 from __future__ import annotations
@@ -26,14 +26,8 @@ import torch
 from mmengine.config import Config
 from torch import nn
 
-from efficientvit_det.deploy import deploy_model, detections_entry
-from efficientvit_det.precision import (
-    PRECISIONS,
-    Precision,
-    log_precision_once,
-    prepare_model,
-    resolve_precision,
-)
+from efficientvit_det.deploy import deploy_model, detections_entry, prepare_inference
+from efficientvit_det.precision import PRECISIONS
 
 __all__ = ['load_config', 'init_detector', 'load_detector_checkpoint', 'build_runner',
            'setup_cpu_distributed', 'resolve_device', 'collect_images', 'detect_images',
@@ -209,34 +203,6 @@ def collect_images(inputs: Sequence[str]) -> List[str]:
         warnings.warn('several inputs share a file name; their drawings overwrite each other',
                       stacklevel=2)
     return files
-
-
-def prepare_inference(model: nn.Module, precision: str = 'auto', deploy: bool = True,
-                      log: bool = True) -> Precision:
-    """Put a built detector (eval mode, weights loaded) in its inference form, in place.
-
-    ``deploy``: deploy mode (:func:`efficientvit_det.deploy.deploy_model`: BatchNorms folded,
-    conv+ReLU merged; outputs equal the unfused model's). ``precision``: ``auto`` | ``fp32``
-    | ``bf16``, resolved for the model's device (:func:`efficientvit_det.precision.
-    resolve_precision`) and applied (:func:`efficientvit_det.precision.prepare_model`:
-    channels_last for bf16, head outputs back to float32). Returns the :class:`Precision`;
-    run the forward inside its ``autocast()``::
-
-        choice = prepare_inference(inferencer.model)      # e.g. mmdet's DetInferencer
-        with choice.autocast():
-            result = inferencer(images)
-
-    ``log``: log which precision runs and why (once per process).
-    """
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device('cpu')
-    choice = resolve_precision(precision, device)
-    if deploy:
-        deploy_model(model)
-    prepare_model(model, choice)
-    if log:
-        log_precision_once(choice)
-    return choice
 
 
 def detect_images(config: ConfigLike, checkpoint: str, inputs: Sequence[str],

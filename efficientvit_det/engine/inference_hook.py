@@ -19,14 +19,8 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from torch import nn
 
-from efficientvit_det.deploy import deploy_model
-from efficientvit_det.precision import (
-    PRECISIONS,
-    Precision,
-    log_precision_once,
-    prepare_model,
-    resolve_precision,
-)
+from efficientvit_det.deploy import model_precision, prepare_inference
+from efficientvit_det.precision import PRECISIONS, Precision
 from efficientvit_det.registry import HOOKS
 
 __all__ = ['InferenceOptimizationHook']
@@ -56,21 +50,16 @@ class InferenceOptimizationHook(Hook):
 
     def before_test(self, runner) -> None:
         detector = _detector(runner.model)
-        param = next(detector.parameters(), None)
-        device = param.device if param is not None else torch.device('cpu')
-        choice = resolve_precision(self.precision, device)
+        choice = model_precision(detector, self.precision)
         loop = runner.test_loop
         if choice.name == 'bf16' and not hasattr(loop, 'fp16'):
             raise TypeError(f'{type(loop).__name__} has no fp16 (autocast) switch; use '
                             "mmengine's TestLoop for bf16, or precision='fp32'")
-        if self.deploy:
-            deploy_model(detector)
-        prepare_model(detector, choice)
+        prepare_inference(detector, choice, self.deploy)
         if hasattr(loop, 'fp16'):
             loop.fp16 = choice.name == 'bf16'
         if choice.name == 'bf16' and choice.device_type == 'cuda':
             # mmengine's autocast takes torch's default CUDA dtype (float16) when given none
             torch.set_autocast_dtype('cuda', torch.bfloat16)
         self.choice: Precision = choice
-        log_precision_once(choice)
         runner.logger.info(f'test: deploy mode {"on" if self.deploy else "off"}')
