@@ -19,19 +19,17 @@ reference on the case's own input (the bf16-rounded x for the bf16 cases). Timin
 docs/design.md "Measuring": allocator warmed by the largest case first, cases interleaved in one
 process, median and quartiles of repeats; each sample is taken on the wall clock and on the
 process CPU clock (with ``--threads 1`` CPU time is the robust measure on a shared machine, see
-:func:`time_interleaved_wall_and_cpu`).
+:func:`benchmarks.common.time_interleaved` with ``cpu_clock``).
 
 Usage, from the repository root:
-``python -m benchmarks.cga_cpu_bf16 [--threads 1] [--repeats 20] [--modes fwd] [--json F]``.
+``python -m benchmarks attention-cpu-bf16 [--threads 1] [--repeats 20] [--modes fwd] [--json F]``.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import re
 import sys
-import time
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -154,43 +152,9 @@ class _Stage:
         return errs
 
 
-def time_interleaved_wall_and_cpu(cases: Dict[str, Callable[[], Any]], repeats: int, warmup: int,
-                                  progress: common.Progress, label: str,
-                                  allocator_warmup: Optional[Callable[[], Any]] = None
-                                  ) -> Dict[str, Dict[str, Any]]:
-    """:func:`common.time_interleaved` (same warm-up and rotation) timing each sample on the wall
-    clock and on the process CPU clock. On a shared machine a descheduled process loses wall time
-    but not CPU time, so with one thread the CPU-time medians compare the kernels' own work;
-    with more threads the CPU time also counts idle OpenMP workers spinning."""
-    names = list(cases)
-    if allocator_warmup is not None:
-        allocator_warmup()
-    for w in range(max(warmup, 1)):
-        for name in names:
-            progress.update(f'[{label}] warm-up {w + 1}: {name}')
-            cases[name]()
-    wall: Dict[str, List[float]] = {n: [] for n in names}
-    cpu: Dict[str, List[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            gc.collect(0)
-            c0, t0 = time.process_time(), time.perf_counter()
-            cases[name]()
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
-            progress.update(f'[{label}] repeat {r + 1}/{repeats}: {name}')
-    out = {}
-    for n in names:
-        c = common.summarize(cpu[n])
-        out[n] = dict(common.summarize(wall[n]), cpu_median_ms=c['median_ms'],
-                      cpu_q1_ms=c['q1_ms'], cpu_q3_ms=c['q3_ms'], cpu_min_ms=c['min_ms'],
-                      cpu_samples_ms=c['samples_ms'])
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog='python -m benchmarks.cga_cpu_bf16',
+        prog='python -m benchmarks attention-cpu-bf16',
         description='C++ CGA kernel in bfloat16 vs float32 and vs the PyTorch reference '
                     '(plain and under bf16 autocast), m4 stage shapes at 800x1344, CPU.')
     common.add_common_args(p, repeats=20, warmup=2)
@@ -225,8 +189,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 st = stages[name]
                 cases = st.cases(mode == 'fwdbwd', best_isa, with_fp32_math)
                 errs = st.forward_errors(st.cases(False, best_isa, with_fp32_math))
-                stats = time_interleaved_wall_and_cpu(cases, args.repeats, args.warmup,
-                                                      progress, f'{mode} {name}', warm)
+                stats = common.time_interleaved(cases, args.repeats, args.warmup,
+                                                 torch.device('cpu'), progress, f'{mode} {name}',
+                                                 warm, cpu_clock=True)
                 warm = None
                 for case, s in stats.items():
                     results.append(dict(mode=mode, stage=name, C=C, H=H, W=W, case=case,

@@ -69,11 +69,13 @@ def setup_from_args(args: argparse.Namespace) -> torch.device:
 
 
 def resolve_device(name: str = 'auto') -> torch.device:
-    if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if name == 'cuda' and not torch.cuda.is_available():
-        raise SystemExit('--device cuda: CUDA is not available here (use --device cpu or auto)')
-    return torch.device(name)
+    """``--device`` as a torch device (:func:`efficientvit_det.apis.resolve_device`'s rules);
+    a device that is not there ends the benchmark with the reason."""
+    from efficientvit_det.apis import resolve_device as resolve
+    try:
+        return torch.device(resolve(name))
+    except ValueError as exc:
+        raise SystemExit(f'--device {name}: {exc}') from None
 
 
 def synchronize(device: torch.device) -> None:
@@ -140,13 +142,19 @@ def summarize(samples_s: Sequence[float]) -> Dict[str, Any]:
 
 def time_interleaved(cases: Dict[str, Callable[[], Any]], repeats: int, warmup: int,
                      device: torch.device, progress: Optional[Progress] = None,
-                     label: str = '', allocator_warmup: Optional[Callable[[], Any]] = None
-                     ) -> Dict[str, Dict[str, Any]]:
+                     label: str = '', allocator_warmup: Optional[Callable[[], Any]] = None,
+                     cpu_clock: bool = False) -> Dict[str, Dict[str, Any]]:
     """Time every case ``repeats`` times, interleaved; return :func:`summarize` per case.
 
     ``allocator_warmup`` (e.g. the largest model at the largest input) runs once before
     everything else; then each case runs ``warmup`` untimed times (at least once). Repeat ``r``
     runs the cases starting at offset ``r`` (rotation), so none is always first after a pause.
+
+    ``cpu_clock`` (CPU only) also times each sample on the process CPU clock and adds
+    ``cpu_median_ms``, ``cpu_q1_ms``, ``cpu_q3_ms``, ``cpu_min_ms``, ``cpu_samples_ms``: on a
+    shared machine a descheduled process loses wall time but not CPU time, so with one thread
+    the CPU-time medians compare the cases' own work (with more threads they also count idle
+    OpenMP workers spinning).
     """
     names = list(cases)
     progress = progress or Progress(enabled=False)
@@ -160,14 +168,24 @@ def time_interleaved(cases: Dict[str, Callable[[], Any]], repeats: int, warmup: 
             cases[name]()
             synchronize(device)
     samples: Dict[str, List[float]] = {n: [] for n in names}
+    cpu: Dict[str, List[float]] = {n: [] for n in names}
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             gc.collect(0)
+            c0 = time.process_time()
             samples[name].append(_time_once(cases[name], device))
+            cpu[name].append(time.process_time() - c0)
             progress.update(f'[{label}] repeat {r + 1}/{repeats}: {name} '
                             f'{samples[name][-1] * 1e3:.1f} ms')
-    return {n: summarize(s) for n, s in samples.items()}
+    out = {n: summarize(s) for n, s in samples.items()}
+    if cpu_clock:
+        for n in names:
+            c = summarize(cpu[n])
+            out[n].update(cpu_median_ms=c['median_ms'], cpu_q1_ms=c['q1_ms'],
+                          cpu_q3_ms=c['q3_ms'], cpu_min_ms=c['min_ms'],
+                          cpu_samples_ms=c['samples_ms'])
+    return out
 
 
 def _time_once(fn: Callable[[], Any], device: torch.device) -> float:
