@@ -11,7 +11,7 @@ Competitors, all on the same (BN-folded) weights:
 
 Shapes: m4's three stages for an 800x1344 image (C=128 @ 50x84, 256 @ 25x42, 384 @ 13x21; 4 heads,
 kernels 7,5,3,3, key_dim 16). Modes: forward (no grad) and forward+backward (grads of x and of
-all weights). Timing follows docs/design.md "Measuring": allocator warmed by a large pass first,
+all weights). Timing follows docs/facts.md "Measuring": allocator warmed by a large pass first,
 competitors interleaved in one process, median of repeats with quartiles.
 
 FLOPs are the nominal count of the original computation (every padded token, the real dw kernel
@@ -36,16 +36,15 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 
 from benchmarks import common
+from benchmarks.common import M4_HEADS, M4_KERNELS, M4_STAGES
 from efficientvit_det.ops import cascaded_group_attention
 from efficientvit_det.ops.cga import resolve_backend
 from efficientvit_det.ops.cga_reference import cga_reference
 from efficientvit_det.testing import fold_timm_attention, saved_tensor_bytes, timm_window_attention
 
-__all__ = ['main', 'nominal_flops', 'M4_STAGES']
+__all__ = ['main', 'nominal_flops']
 
-# (name, C, H, W) of m4 at 800x1344 (strides 16, 32, 64), 4 heads, kernels 7,5,3,3
-M4_STAGES = [('stage1', 128, 50, 84), ('stage2', 256, 25, 42), ('stage3', 384, 13, 21)]
-HEADS, KERNELS, KEY_DIM, WS = 4, (7, 5, 3, 3), 16, 7
+HEADS, KERNELS, KEY_DIM, WS = M4_HEADS, M4_KERNELS, 16, 7
 CASES = ('timm', 'reference', 'fused', 'compiled')
 
 

@@ -16,7 +16,7 @@ kernels 7,5,3,3, key_dim 16). Modes: forward (no grad) and forward+backward (gra
 all weights; the C++ cases call the extension's ``forward`` and ``backward`` directly). The
 ``rel err`` column is max |y - y_ref| / max |y_ref| of the forward output against the float32
 reference on the case's own input (the bf16-rounded x for the bf16 cases). Timing as in
-docs/design.md "Measuring": allocator warmed by the largest case first, cases interleaved in one
+docs/facts.md "Measuring": allocator warmed by the largest case first, cases interleaved in one
 process, median and quartiles of repeats; each sample is taken on the wall clock and on the
 process CPU clock (with ``--threads 1`` CPU time is the robust measure on a shared machine, see
 :func:`benchmarks.common.time_interleaved` with ``cpu_clock``).
@@ -28,21 +28,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import re
 import sys
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 from benchmarks import common
+from benchmarks.common import M4_HEADS, M4_KERNELS, M4_STAGES
+from efficientvit_det.cpu import cpu_info
 from efficientvit_det.ops.cga_reference import cga_reference
 from efficientvit_det.testing import fold_timm_attention, max_rel_err, timm_window_attention
 
-__all__ = ['main', 'cpu_bf16_info', 'M4_STAGES']
+__all__ = ['main', 'cpu_bf16_info']
 
-# (name, C, H, W) of m4 at 800x1344 (strides 16, 32, 64), 4 heads, kernels 7,5,3,3
-M4_STAGES = [('stage1', 128, 50, 84), ('stage2', 256, 25, 42), ('stage3', 384, 13, 21)]
-HEADS, KERNELS, KEY_DIM, WS = 4, (7, 5, 3, 3), 16, 7
+HEADS, KERNELS, KEY_DIM, WS = M4_HEADS, M4_KERNELS, 16, 7
 SCALE = KEY_DIM ** -0.5
 PARAM_ORDER = ('qkv_weight', 'qkv_bias', 'dw_weight', 'dw_bias', 'attn_bias', 'proj_weight',
                'proj_bias')
@@ -58,28 +57,10 @@ def _load_ext():
     return _cga_cpu
 
 
-def cpu_bf16_info(ext=None) -> Dict[str, Any]:
-    """CPU model, its bf16-related flags (/proc/cpuinfo) and the kernel's own view."""
-    flags: List[str] = []
-    model = ''
-    try:
-        with open('/proc/cpuinfo') as f:
-            for ln in f:
-                key = ln.split(':', 1)[0].strip().lower()
-                if key == 'model name' and not model:
-                    model = ln.split(':', 1)[1].strip()
-                elif key == 'flags' and not flags:
-                    flags = ln.split(':', 1)[1].split()
-    except OSError:
-        pass
-    wanted = [f for f in flags if re.fullmatch(r'avx512_bf16|amx_\w+|avx512f', f)]
-    info: Dict[str, Any] = dict(cpu_model=model or 'unknown', bf16_flags=wanted,
-                                avx512_bf16='avx512_bf16' in flags,
-                                amx_bf16='amx_bf16' in flags)
-    if ext is not None:
-        info['kernel_isa'] = ext.isa()
-        info['kernel_cpu_bf16_native'] = bool(ext.cpu_bf16_native())
-    return info
+def cpu_bf16_info(ext) -> Dict[str, Any]:
+    """The CPU (:func:`efficientvit_det.cpu.cpu_info`) and the kernel's own run-time view."""
+    return dict(cpu_info().as_dict(), kernel_isa=ext.isa(),
+                kernel_cpu_bf16_native=bool(ext.cpu_bf16_native()))
 
 
 class _Stage:
@@ -224,9 +205,7 @@ def _print_table(results: List[Dict[str, Any]], cpu: Dict[str, Any]) -> None:
         rows.append([r['mode'], f"{r['stage']} C={r['C']} {r['H']}x{r['W']}", r['case'],
                      common.fmt_ms(r), ratios[0], common.fmt_ms(cpu_ms), ratios[1],
                      f"{r['rel_err_fwd']:.1e}"])
-    flags = ', '.join(cpu['bf16_flags']) or 'none'
-    print(f"CPU: {cpu['cpu_model']} | flags: {flags} | avx512_bf16: {cpu['avx512_bf16']} | "
-          f"amx_bf16: {cpu['amx_bf16']} | kernel ISA: {cpu.get('kernel_isa')} | "
+    print(f"CPU: {cpu_info().describe()} | kernel ISA: {cpu.get('kernel_isa')} | "
           f"kernel cpu_bf16_native: {cpu.get('kernel_cpu_bf16_native')} | "
           f"threads: {torch.get_num_threads()}")
     print('speed-up columns: (C++ fp32 time) / (case time) and (ref autocast time) / (case time)')

@@ -1,6 +1,6 @@
 """Timing, memory and reporting utilities shared by the benchmark sub-commands.
 
-Rules these helpers enforce (measured on 2-core machines, docs/design.md "Measuring"):
+Rules these helpers enforce (measured on 2-core machines, docs/facts.md "Measuring"):
 
 * Competitors are timed **interleaved in one process** (every repeat runs every case once, the
   order rotating between repeats), so load from other processes and slow drifts hit all of them
@@ -31,12 +31,36 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
+from efficientvit_det.archs import ARCH_SETTINGS
+
 __all__ = [
     'add_common_args', 'setup_from_args', 'resolve_device', 'synchronize', 'Progress',
     'time_interleaved', 'summarize', 'format_table', 'machine_info', 'write_json',
     'peak_memory', 'resolve_detector_config', 'build_detector_from_config', 'run_isolated',
-    'fmt_ms', 'report',
+    'fmt_ms', 'report', 'stage_shapes', 'M4_STAGES', 'M4_HEADS', 'M4_KERNELS',
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# the attention shapes of a detector input
+# --------------------------------------------------------------------------------------------
+def stage_shapes(arch: str = 'm4', height: int = 800, width: int = 1344):
+    """``[(name, C, H, W)]`` of the three attention stages of ``arch`` for a
+    ``height x width`` input (strides 16, 32, 64; each stride-2 conv rounds up)."""
+    out, h, w = [], height, width
+    for _ in range(4):  # the stem
+        h, w = -(-h // 2), -(-w // 2)
+    for i, dim in enumerate(ARCH_SETTINGS[arch]['embed_dims']):
+        if i:
+            h, w = -(-h // 2), -(-w // 2)
+        out.append((f'stage{i + 1}', dim, h, w))
+    return out
+
+
+# m4 at 800x1344: [('stage1', 128, 50, 84), ('stage2', 256, 25, 42), ('stage3', 384, 13, 21)]
+M4_STAGES = stage_shapes('m4')
+M4_HEADS = ARCH_SETTINGS['m4']['num_heads'][0]  # the same in every m4 stage
+M4_KERNELS = ARCH_SETTINGS['m4']['kernels']
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,19 +249,9 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return '\n'.join(out)
 
 
-def _cpu_model() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            for ln in f:
-                if ln.lower().startswith('model name'):
-                    return ln.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(device: torch.device) -> Dict[str, Any]:
-    info = dict(cpu=_cpu_model(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+    from efficientvit_det.cpu import cpu_info
+    info = dict(cpu=cpu_info().describe(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 torch=torch.__version__, python=platform.python_version(),
                 platform=platform.platform(), device=str(device))
     try:

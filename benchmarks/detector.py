@@ -1,19 +1,21 @@
 """RetinaNet end-to-end inference per image, and a training step: EfficientViT next to R50.
 
-    python -m benchmarks detector            # m4, r50: fp32 / deploy / bf16+deploy+cl
-    python -m benchmarks detector --models m4 m4+deploy m4+deploy+cl+bf16 r50 r50+deploy+cl+bf16
+    python -m benchmarks detector            # m4, r50: eval fp32 / deploy / the default form
+    python -m benchmarks detector --models m4 m4+deploy m4+auto m4+bf16 r50 r50+auto
     python -m benchmarks train-step --models m4 r50 --batch 2 --shape 800 1344
 
 Models: ``m0``..``m5`` (our ``configs/retinanet_efficientvit_<arch>_coco.py``), ``r50`` (mmdet's
 own ``retinanet_r50_fpn_1x_coco.py`` from the installed wheel) or a config path, each with
 optional flags joined by ``+``:
 
-``+deploy``   fold Conv+BN for inference: ``backbone.fuse()`` for EfficientViT (its attention
-              then runs the fused op on folded weights), ``mmcv.cnn.fuse_conv_bn`` otherwise.
-``+cl``       channels_last weights and backbone input.
-``+bf16``     bf16 autocast (``efficientvit_det.precision``: the head's outputs go back to
-              float32 before post-processing), as ``tools/infer.py --precision bf16``; with
-              ``+deploy+cl`` it is what ``--precision auto`` runs on a CPU with native bf16.
+Without ``+deploy``, ``+bf16`` or ``+auto`` the model runs as built (eval mode, fp32). Those
+three put it in the inference form that ``tools/infer.py`` and ``tools/test.py`` run, through
+the same call (:func:`efficientvit_det.inference.prepare_inference`):
+
+``+deploy``   deploy mode, fp32 (``tools/infer.py --precision fp32``).
+``+bf16``     bf16 autocast + channels_last (``--precision bf16``), deploy mode.
+``+auto``     the project's default (``tools/infer.py`` as it is): deploy mode and the
+              precision ``auto`` picks on this machine (bf16 on CPUs with native bf16).
 ``+ref``      EfficientViT with ``attn_backend='reference'`` (default: the config's, ``auto``).
 ``+fused``    EfficientViT with ``attn_backend='fused'``.
 ``+cp``       activation checkpointing in the backbone (``with_cp=True``; training).
@@ -26,7 +28,7 @@ pipeline + data preprocessor; ``backbone``; ``neck+head``: tensor forward; ``pos
 ``predict_by_feat``, i.e. decoding, top-k, NMS) is timed in the same interleaved loop.
 
 The table gives each row's precision, deploy mode and layout, and its speed-up over the first
-row of the same base model (e.g. ``m4+deploy+cl+bf16`` over ``m4``); the CPU's bf16 capability
+row of the same base model (e.g. ``m4+auto`` over ``m4``); the CPU's bf16 capability
 (AMX-BF16, AVX512-BF16) and what ``--precision auto`` picks on it are printed under the table.
 Rows without ``+bf16`` must give the same outputs as the first row (``--tol``); bf16 rows report
 their deviation, which is rounding, not a bug (see ``docs/precision.md`` for the accuracy).
@@ -49,7 +51,6 @@ model, data and optimizer) or ``torch.cuda.max_memory_allocated`` on CUDA.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -69,16 +70,12 @@ from benchmarks.common import (
     setup_from_args,
     time_interleaved,
 )
-from efficientvit_det.precision import (
-    cpu_bf16_support,
-    prepare_model,
-    resolve_precision,
-)
+from efficientvit_det.cpu import cpu_info
+from efficientvit_det.inference import Precision, prepare_inference, resolve_precision
 from efficientvit_det.testing import calibrate_bn_, max_rel_err, randomize_
 
-FLAGS = ('deploy', 'cl', 'bf16', 'ref', 'fused', 'cp')
-DEFAULT_MODELS = ('m4', 'm4+deploy', 'm4+deploy+cl+bf16', 'r50', 'r50+deploy',
-                  'r50+deploy+cl+bf16')
+FLAGS = ('deploy', 'bf16', 'auto', 'ref', 'fused', 'cp')
+DEFAULT_MODELS = ('m4', 'm4+deploy', 'm4+auto', 'r50', 'r50+deploy', 'r50+auto')
 PARTS = ('pre', 'backbone', 'neck+head', 'post')
 
 
@@ -89,6 +86,17 @@ def parse_model(spec: str) -> Tuple[str, Tuple[str, ...]]:
         raise argparse.ArgumentTypeError(
             f'model {spec!r}: base m0..m5, r50 or a config path, flags from {FLAGS} joined by +')
     return base, tuple(flags)
+
+
+def inference_form(flags: Sequence[str]) -> Optional[Tuple[str, bool]]:
+    """``(precision, deploy)`` for :func:`prepare_inference`, or None: the model as built."""
+    if 'auto' in flags:
+        return 'auto', True
+    if 'bf16' in flags:
+        return 'bf16', True
+    if 'deploy' in flags:
+        return 'fp32', True
+    return None
 
 
 def _is_evit(model: nn.Module) -> bool:
@@ -108,8 +116,9 @@ def _set_cls_bias_prior_(model: nn.Module, prior_prob: float = 0.01) -> None:
 
 def build_model(spec: str, device: torch.device, seed: int = 0, calib_hw=(320, 480),
                 train: bool = False, cache: Optional[dict] = None,
-                cls_bias: str = 'prior') -> nn.Module:
-    """A detector for ``spec``; variants of one base share randomised, BN-calibrated weights.
+                cls_bias: str = 'prior') -> Tuple[nn.Module, Precision]:
+    """A detector for ``spec`` and the precision it runs in; variants of one base share
+    randomised, BN-calibrated weights.
 
     ``train=True``: mmdet's own initialisation (``init_weights``), train mode, no deploy.
     """
@@ -141,21 +150,12 @@ def build_model(spec: str, device: torch.device, seed: int = 0, calib_hw=(320, 4
                 cache[key] = copy.deepcopy(model)
         if attn is not None:
             model.backbone.set_attn_backend(attn)
-        if 'deploy' in flags:
-            if _is_evit(model):
-                model.backbone.fuse()
-            else:
-                from mmcv.cnn import fuse_conv_bn
-                model = fuse_conv_bn(model)
         model.eval()
     model = model.to(device)
-    if 'bf16' in flags:
-        prepare_model(model, resolve_precision('bf16', device), channels_last='cl' in flags)
-    elif 'cl' in flags:
-        model = model.to(memory_format=torch.channels_last)
-        model.backbone.register_forward_pre_hook(
-            lambda m, args: (args[0].contiguous(memory_format=torch.channels_last), *args[1:]))
-    return model
+    form = None if train else inference_form(flags)
+    if form is None:
+        return model, resolve_precision('fp32', device)
+    return model, prepare_inference(model, *form, log=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,13 +178,11 @@ class InferenceCases:
     """The end-to-end call and its parts for one model and one image."""
 
     def __init__(self, model: nn.Module, img: np.ndarray, test_scale: Optional[Tuple[int, int]],
-                 bf16: bool = False):
+                 precision: Precision):
         from mmdet.apis import inference_detector
-        self.model, self.img = model, img
-        device_type = next(model.parameters()).device.type
+        self.model, self.img, self.precision = model, img, precision
         # a fresh context per call: what tools/infer.py wraps around DetInferencer
-        self.amp = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if bf16 \
-            else contextlib.nullcontext
+        self.amp = precision.autocast
         cfg, self.pipeline = _test_pipeline(model, test_scale)
         model.cfg = cfg  # inference_detector builds its pipeline from model.cfg
         self._inference_detector = inference_detector
@@ -251,8 +249,8 @@ def run_inference(models: Sequence[str], device: torch.device, height: int = 800
     built: Dict[str, InferenceCases] = {}
     for spec in models:
         progress.update(f'[detector] building {spec}', force=True)
-        built[spec] = InferenceCases(build_model(spec, device, seed, cache=cache, cls_bias=cls_bias),
-                                     img, test_scale, bf16='bf16' in parse_model(spec)[1])
+        model, precision = build_model(spec, device, seed, cache=cache, cls_bias=cls_bias)
+        built[spec] = InferenceCases(model, img, test_scale, precision)
     cache.clear()
 
     checks: Dict[str, Any] = {}
@@ -270,7 +268,7 @@ def run_inference(models: Sequence[str], device: torch.device, height: int = 800
             checks[spec]['head_outputs_max_rel_err'] = max_rel_err(a, b)
     for spec, c in checks.items():
         # bf16 rounds by design: its deviation is reported, not held to the fp32 tolerance
-        approx = 'bf16' in parse_model(spec)[1]
+        approx = built[spec].precision.name == 'bf16'
         c['outputs_equal'] = c['manual_vs_e2e_max_rel_err'] <= tol and \
             (approx or c.get('head_outputs_max_rel_err', 0.) <= tol)
 
@@ -284,9 +282,10 @@ def run_inference(models: Sequence[str], device: torch.device, height: int = 800
     progress.done()
     results = []
     for spec in models:
-        flags = parse_model(spec)[1]
-        r = dict(model=spec, precision='bf16' if 'bf16' in flags else 'fp32',
-                 deploy='deploy' in flags, channels_last='cl' in flags,
+        precision = built[spec].precision
+        r = dict(model=spec, precision=precision.name,
+                 deploy=inference_form(parse_model(spec)[1]) is not None,
+                 channels_last=precision.channels_last,
                  e2e=stats[f'{spec} e2e'], **checks[spec])
         if breakdown:
             r['parts'] = {p: stats[f'{spec} {p}'] for p in PARTS}
@@ -301,7 +300,7 @@ def run_inference(models: Sequence[str], device: torch.device, height: int = 800
     return dict(benchmark='detector', image_hw=[height, width], test_scale=test_scale, cls_bias=cls_bias,
                 models=list(models), results=results, tolerance=tol,
                 all_outputs_equal=all(c['outputs_equal'] for c in checks.values()),
-                cpu_bf16=cpu_bf16_support().describe(),
+                cpu=cpu_info().describe(),
                 auto_precision=resolve_precision('auto', device).summary())
 
 
@@ -325,9 +324,8 @@ def render_inference(payload: Dict[str, Any]) -> str:
     lines = [table, f"image {h}x{w} uint8 in memory -> network input "
                     f"{payload['results'][0]['input_shape']}; outputs equal (fp32 rows; bf16 "
                     f"rows: deviation shown): {payload['all_outputs_equal']}"]
-    if 'cpu_bf16' in payload:
-        lines.append(f"CPU bf16: {payload['cpu_bf16']}; --precision auto -> "
-                     f"{payload['auto_precision']}")
+    if 'cpu' in payload:
+        lines.append(f"CPU: {payload['cpu']}; --precision auto -> {payload['auto_precision']}")
     return '\n'.join(lines)
 
 
@@ -358,7 +356,7 @@ class TrainStep:
     def __init__(self, spec: str, device: torch.device, batch: int, height: int, width: int,
                  seed: int = 0):
         from mmengine.optim import OptimWrapper
-        self.model = build_model(spec, device, seed, train=True)
+        self.model = build_model(spec, device, seed, train=True)[0]
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optim = OptimWrapper(torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999),
                                                     weight_decay=0.05))

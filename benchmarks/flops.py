@@ -15,7 +15,7 @@ Two independent counts are given for the backbones:
 * ``analyzer``: mmengine's :class:`~mmengine.analysis.FlopAnalyzer` (jit trace; counts
   ``aten::_convolution``, ``aten::linear``/``addmm`` and ``aten::matmul``/``bmm``);
 * ``hand``: :func:`hand_count_macs`, a closed-form count from the architecture description
-  (docs/design.md, "Model family"), which needs no model at all.
+  (docs/facts.md, "Model family"), which needs no model at all.
 
 Two window semantics exist:
 
@@ -66,7 +66,7 @@ def hand_count_macs(arch: str, height: int, width: int, classifier: bool = False
     ``window='classification'`` uses ``min(7, map size)`` windows (square maps: the paper's
     setting); ``'detection'`` always 7x7 windows with zero padding (this backbone).
     """
-    from efficientvit_det.models.backbones.efficientvit import resolve_arch
+    from efficientvit_det.archs import resolve_arch
     s = resolve_arch(arch)
     dims, depths, heads, kernels = s['embed_dims'], s['depths'], s['num_heads'], s['kernels']
     kd, ws = s.get('key_dim', 16), s.get('window_size', 7)

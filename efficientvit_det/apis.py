@@ -1,12 +1,12 @@
 """What the command-line tools are thin over: configs, detectors, runners, inference.
 
 * :func:`load_config`: a config file (or ``Config``) with ``--cfg-options`` applied;
-* :func:`init_detector`: a detector built from a config, its weights loaded with mmengine's
-  checkpoint loader (``weights_only`` pickles; strict key matching by default), class names from
-  the checkpoint's meta, optionally in deploy mode (:func:`efficientvit_det.deploy.deploy_model`);
+* :func:`init_detector`: a detector built from a config, its weights loaded through the one
+  safe loader (:func:`efficientvit_det.checkpoint.detector.load_detector_checkpoint`: weights-only
+  pickles, strict key matching by default), class names from the checkpoint's meta, optionally in deploy mode (:func:`efficientvit_det.deploy.deploy_model`);
 * :func:`build_runner` / :func:`setup_cpu_distributed`: an mmengine Runner, with gloo + CPU DDP
   when CUDA is missing;
-* :func:`prepare_inference` (from :mod:`efficientvit_det.deploy`): deploy mode and the
+* :func:`prepare_inference` (from :mod:`efficientvit_det.inference`): deploy mode and the
   inference precision (``auto`` | ``fp32`` | ``bf16``) applied to a built detector;
 * :func:`resolve_device`, :func:`collect_images`, :func:`detect_images`: inference on files.
 """
@@ -17,7 +17,6 @@ import datetime
 import json
 import os
 import os.path as osp
-import re
 import subprocess
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
@@ -26,8 +25,9 @@ import torch
 from mmengine.config import Config
 from torch import nn
 
-from efficientvit_det.deploy import deploy_model, detections_entry, prepare_inference
-from efficientvit_det.precision import PRECISIONS
+from efficientvit_det.checkpoint.detector import load_detector_checkpoint
+from efficientvit_det.deploy import deploy_model, detections_entry
+from efficientvit_det.inference import PRECISIONS, prepare_inference
 
 __all__ = ['load_config', 'init_detector', 'load_detector_checkpoint', 'build_runner',
            'setup_cpu_distributed', 'resolve_device', 'collect_images', 'detect_images',
@@ -55,34 +55,6 @@ def load_config(config: ConfigLike, cfg_options: Optional[Mapping[str, Any]] = N
     if cfg_options:
         cfg.merge_from_dict(dict(cfg_options))
     return cfg
-
-
-def load_detector_checkpoint(model: nn.Module, checkpoint: str, strict: bool = True) -> dict:
-    """Load a detector checkpoint into ``model`` with mmengine's loader; returns its meta.
-
-    Runner checkpoints (``state_dict`` + ``meta``) and bare state dicts are accepted, a
-    ``module.`` prefix (DDP) is stripped, and a checkpoint whose keys have no ``backbone.``
-    prefix (``tools/convert_checkpoint.py`` output) goes into the backbone alone. Class names
-    come from ``meta['dataset_meta']`` (mmdet 3) or ``meta['CLASSES']`` (mmdet 2).
-    """
-    from mmengine.runner.checkpoint import _load_checkpoint, _load_checkpoint_to_model
-
-    if not osp.isfile(checkpoint):
-        raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
-    ckpt = _load_checkpoint(checkpoint, map_location='cpu')
-    state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, Mapping) else None
-    if not isinstance(state, Mapping):
-        raise ValueError(f'{checkpoint}: no state dict found (got {type(ckpt).__name__})')
-    keys = [re.sub(r'^module\.', '', k) for k in state]
-    target = model if any(k.startswith('backbone.') for k in keys) else model.backbone
-    _load_checkpoint_to_model(target, ckpt, strict=strict, revise_keys=[(r'^module\.', '')])
-    meta = ckpt.get('meta', {}) if isinstance(ckpt, Mapping) else {}
-    meta = meta if isinstance(meta, Mapping) else {}
-    if meta.get('dataset_meta'):
-        model.dataset_meta = {k.lower(): v for k, v in meta['dataset_meta'].items()}
-    elif meta.get('CLASSES'):
-        model.dataset_meta = {'classes': tuple(meta['CLASSES'])}
-    return dict(meta)
 
 
 def init_detector(config: ConfigLike, checkpoint: Optional[str] = None, device: str = 'cpu',

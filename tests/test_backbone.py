@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close_rel, timm_stage_outputs, timm_to_msra
 
+from efficientvit_det.archs import ARCH_SETTINGS
+from efficientvit_det.checkpoint.backbone import CheckpointLayoutError
 from efficientvit_det.models.backbones.efficientvit import (
-    ARCH_SETTINGS,
     ConvReLU,
     EfficientViT,
     LocalWindowAttention,
     _onednn_conv_pointwise,
 )
-from efficientvit_det.models.backbones.efficientvit_checkpoint import CheckpointLayoutError
 from efficientvit_det.ops.windows import relative_position_index
 from efficientvit_det.registry import MODELS
 from efficientvit_det.testing import randomize_
@@ -230,7 +230,7 @@ def test_missing_and_unexpected_keys_are_reported_by_name(tmp_path):
     sd['stages.2.blocks.9.extra.weight'] = torch.zeros(1)
     torch.save(sd, tmp_path / 'partial.pth')
     backbone = EfficientViT('m0', init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'partial.pth')))
-    from efficientvit_det.models.backbones.efficientvit_checkpoint import load_pretrained
+    from efficientvit_det.checkpoint.backbone import load_pretrained
     missing, unexpected = load_pretrained(backbone, str(tmp_path / 'partial.pth'))
     assert missing == ['stages.2.blocks.2.ffn1.m.pw2.bn.weight']
     assert unexpected == ['stages.2.blocks.9.extra.weight']

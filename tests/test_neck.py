@@ -70,3 +70,38 @@ def test_upsample_scale_factor_equals_size_upsampling(trans):
     assert len(got) == 5
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize('extra, relu, start_level, upsample', [
+    ('on_input', False, 0, {}),
+    ('on_lateral', True, 0, {}),
+    ('on_output', True, 1, {}),
+    (False, False, 0, dict(scale_factor=2, mode='nearest')),
+])
+def test_fpn_levels_equal_mmdet_fpn(extra, relu, start_level, upsample):
+    """Our FPN part (written out to reach the finest lateral without a stash) computes what
+    mmdet's FPN computes, for every extra-level mode; the transposed-conv levels grow from the
+    finest lateral after the top-down pass."""
+    from mmdet.models.necks import FPN
+    kwargs = dict(in_channels=M4, out_channels=32, num_outs=5, start_level=start_level,
+                  add_extra_convs=extra, relu_before_extra_convs=relu,
+                  upsample_cfg=dict(upsample or dict(mode='nearest')))
+    ours = MODELS.build(dict(type='EfficientViTFPN', num_extra_trans_convs=1, **dict(
+        kwargs, num_outs=6)))
+    theirs = FPN(**kwargs)
+    theirs.load_state_dict({k: v for k, v in ours.state_dict().items()
+                            if not k.startswith('trans_')})
+    inputs = backbone_maps(batch=1, h=512, w=1024)
+    with torch.no_grad():
+        got, expected = ours(inputs), theirs(inputs)
+        lateral = ours.lateral_convs[0](inputs[start_level])
+        for i in range(len(ours.lateral_convs) - 1, 0, -1):  # the top-down pass, by hand
+            lateral_i = ours.lateral_convs[i](inputs[i + start_level])
+            for _ in range(i):
+                lateral_i = torch.nn.functional.interpolate(lateral_i, scale_factor=2)
+            lateral = lateral + lateral_i
+        finest = ours.trans_fpn_convs[0](ours.trans_convs[0](lateral))
+    assert len(got) == 6
+    for a, b in zip(got[1:], expected):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(got[0], finest, rtol=1e-4, atol=1e-4)

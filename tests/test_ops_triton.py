@@ -163,7 +163,7 @@ def test_weight_gradients_bitwise_deterministic():
 def test_one_compiled_kernel_per_dtype_for_every_stage():
     """Sizes are runtime arguments: every m0-m5 stage shares the kernels of its dtype."""
     ct = _kernels()
-    from efficientvit_det.models.backbones.efficientvit import ARCH_SETTINGS
+    from efficientvit_det.archs import ARCH_SETTINGS
     problems = ct.stage_problems(ARCH_SETTINGS)
     assert len(problems) == 13 and (384, 4, 7) in problems and (64, 4, 5) in problems
     specs = ct.unique_specs(problems, list(ct.SUPPORTED_DTYPES))
@@ -304,7 +304,7 @@ def test_amp_training_goes_through_the_kernel_with_reference_gradients(monkeypat
     monkeypatch.setattr(ct, 'forward', lambda *a: calls.append(a[0].dtype) or forward(*a))
     model = randomize_(EfficientViT('m0', out_indices=(2,), norm_eval=True), seed=3).train()
     # batch 2, several windows: the module path with batch 1 on one window hits a torch 2.14
-    # BatchNorm backward bug (docs/design.md, "Known stack issues")
+    # BatchNorm backward bug (docs/facts.md, "Known stack issues")
     x = torch.randn(2, 3, 160, 128, generator=torch.Generator().manual_seed(5))
 
     def grads(backend, amp=True):

@@ -24,9 +24,10 @@ import sys
 import pytest
 import torch
 
-from efficientvit_det import precision as prec
+from efficientvit_det import cpu
 from efficientvit_det.apis import detect_images, init_detector
 from efficientvit_det.engine import InferenceOptimizationHook
+from efficientvit_det.inference import precision as prec
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from _workflow_common import PY, TOOLS, make_dataset, run, write_tiny_config  # noqa: E402
@@ -36,7 +37,8 @@ MAP_RE = re.compile(r'coco/bbox_mAP: ([\d.]+)')
 
 
 def _support(amx=False, avx=False, onednn=True):
-    return prec.CpuBf16Support('Test CPU', amx, avx, onednn)
+    return cpu.CpuInfo(name='Test CPU', avx2=True, avx512=avx, avx512_bf16=avx, amx_bf16=amx,
+                       avx512_vnni=avx, avx_vnni=False, amx_int8=amx, onednn_bf16=onednn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,7 +51,7 @@ def _support(amx=False, avx=False, onednn=True):
     (_support(amx=True, onednn=False), 'fp32'),  # a torch build without oneDNN bf16
 ])
 def test_auto_rule_on_cpu(monkeypatch, support, expected):
-    monkeypatch.setattr(prec, 'cpu_bf16_support', lambda: support)
+    monkeypatch.setattr(prec, 'cpu_info', lambda: support)
     choice = prec.resolve_precision('auto', 'cpu')
     assert choice.name == expected
     assert choice.reason.startswith('auto: ')
@@ -58,13 +60,13 @@ def test_auto_rule_on_cpu(monkeypatch, support, expected):
 
 
 def test_auto_keeps_fp32_on_cuda(monkeypatch):
-    monkeypatch.setattr(prec, 'cpu_bf16_support', lambda: _support(amx=True))
+    monkeypatch.setattr(prec, 'cpu_info', lambda: _support(amx=True))
     choice = prec.resolve_precision('auto', 'cuda:0')
     assert (choice.name, choice.device_type) == ('fp32', 'cuda')
 
 
 def test_explicit_bf16_without_native_support_warns(monkeypatch):
-    monkeypatch.setattr(prec, 'cpu_bf16_support', lambda: _support())
+    monkeypatch.setattr(prec, 'cpu_info', lambda: _support())
     with pytest.warns(UserWarning, match='emulated'):
         assert prec.resolve_precision('bf16', 'cpu').name == 'bf16'
 
@@ -83,9 +85,11 @@ def test_capability_agrees_with_proc_cpuinfo():
             flags = next(line for line in f if line.startswith('flags')).split()
     except (OSError, StopIteration):
         pytest.skip('no /proc/cpuinfo flags line on this system')
-    support = prec.cpu_bf16_support()
+    support = cpu.cpu_info()
     assert support.amx_bf16 == ('amx_bf16' in flags)
     assert support.avx512_bf16 == ('avx512_bf16' in flags)
+    assert support.avx512 == ('avx512f' in flags)
+    assert support.avx512_vnni == ('avx512_vnni' in flags)
     line = support.describe()
     assert ('AVX512-BF16' in line) == support.avx512_bf16
 

@@ -27,8 +27,8 @@ from _workflow_common import PY, ROOT, TOOLS, make_dataset, run  # noqa: E402
 from helpers import timm_to_msra  # noqa: E402
 
 from efficientvit_det.apis import init_detector, load_config  # noqa: E402
-from efficientvit_det.models.backbones import efficientvit_checkpoint as ckpt_lib  # noqa: E402
-from efficientvit_det.models.detector_checkpoint import convert_detector_checkpoint  # noqa: E402
+from efficientvit_det.checkpoint import backbone as ckpt_lib  # noqa: E402
+from efficientvit_det.checkpoint.detector import convert_detector_checkpoint  # noqa: E402
 from efficientvit_det.testing import calibrate_bn_, max_rel_err, randomize_  # noqa: E402
 
 CONFIGS = {

@@ -250,7 +250,7 @@ def _detector():
     from mmengine.config import ConfigDict
 
     import efficientvit_det.models  # noqa: F401
-    from efficientvit_det.models.backbones.efficientvit import ARCH_SETTINGS
+    from efficientvit_det.archs import ARCH_SETTINGS
     dims = list(ARCH_SETTINGS['m0']['embed_dims'])
     cfg = dict(
         type='RetinaNet',

@@ -194,16 +194,17 @@ def test_infer_draws_masks(trained):
 @pytest.mark.parametrize('precision, channels_last', [('fp32', True), ('bf16', None)])
 def test_inference_layouts_and_bf16_keep_the_detections(trained, precision, channels_last):
     """tools/test.py and tools/infer.py run bf16 + channels_last on CPUs with native bf16
-    (efficientvit_det.precision): mmcv's RoIAlign must still get float32 NCHW maps (its CPU
+    (efficientvit_det.inference.precision): mmcv's RoIAlign must still get float32 NCHW maps (its CPU
     kernel has no bf16 and reads channels_last memory as NCHW, silently wrong)."""
     from mmdet.apis import inference_detector
     from mmdet.structures.bbox import bbox_overlaps
     from PIL import Image
 
     from efficientvit_det.apis import init_detector
-    from efficientvit_det.precision import cpu_bf16_support, prepare_model, resolve_precision
+    from efficientvit_det.cpu import cpu_info
+    from efficientvit_det.inference.precision import prepare_model, resolve_precision
 
-    if precision == 'bf16' and not cpu_bf16_support().onednn_bf16:
+    if precision == 'bf16' and not cpu_info().onednn_bf16:
         pytest.skip('oneDNN runs no bf16 on this CPU')
     _, data, cfg, ckpt = trained
     img = np.asarray(Image.open(osp.join(data, 'val', '000000.jpg')).convert('RGB'))[..., ::-1]

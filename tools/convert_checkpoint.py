@@ -53,7 +53,7 @@ def _save_atomic(obj: dict, dst: str) -> None:
 
 def convert_backbone(args: argparse.Namespace) -> int:
     from efficientvit_det.models.backbones.efficientvit import EfficientViT
-    from efficientvit_det.models.backbones.efficientvit_checkpoint import load_pretrained
+    from efficientvit_det.checkpoint.backbone import load_pretrained
 
     backbone = EfficientViT(args.arch)
     missing, unexpected = load_pretrained(backbone, args.src)
@@ -70,8 +70,8 @@ def convert_backbone(args: argparse.Namespace) -> int:
 
 def convert_detector(args: argparse.Namespace, checkpoint: dict) -> int:
     from efficientvit_det.apis import init_detector
-    from efficientvit_det.models.backbones.efficientvit_checkpoint import CheckpointLayoutError
-    from efficientvit_det.models.detector_checkpoint import convert_detector_checkpoint
+    from efficientvit_det.checkpoint.backbone import CheckpointLayoutError
+    from efficientvit_det.checkpoint.detector import convert_detector_checkpoint
 
     try:
         converted, report = convert_detector_checkpoint(checkpoint)
@@ -91,12 +91,9 @@ def convert_detector(args: argparse.Namespace, checkpoint: dict) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from efficientvit_det.models.backbones.efficientvit_checkpoint import (
-        CheckpointLayoutError,
-        UnsafeCheckpointError,
-        load_checkpoint_file,
-    )
-    from efficientvit_det.models.detector_checkpoint import is_detector_checkpoint
+    from efficientvit_det.checkpoint import UnsafeCheckpointError, load_checkpoint_file
+    from efficientvit_det.checkpoint.backbone import CheckpointLayoutError
+    from efficientvit_det.checkpoint.detector import is_detector_checkpoint
 
     if os.path.exists(args.dst) and not args.force:
         print(f'error: {args.dst} exists; pass --force to overwrite', file=sys.stderr)

@@ -30,7 +30,7 @@ from typing import List, Optional, Sequence  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from efficientvit_det.models.backbones.efficientvit import ARCH_SETTINGS  # noqa: E402
+from efficientvit_det.archs import ARCH_SETTINGS  # noqa: E402
 from efficientvit_det.ops import cga_triton  # noqa: E402
 
 DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}

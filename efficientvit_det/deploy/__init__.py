@@ -5,7 +5,7 @@
 end-to-end graph with decoding and NMS inside (:mod:`.end2end`, imported on its own); see
 ``docs/deploy.md``.
 """
-from .mode import deploy_model, model_precision, prepare_inference
+from .mode import deploy_model
 from .onnx_export import (
                           DEFAULT_OPSET,
                           HEAD_OUTPUT_GROUPS,
@@ -25,7 +25,7 @@ from .postprocess import build_bbox_head, class_names, detections_entry, onnx_de
 __all__ = [
     'DEFAULT_OPSET', 'HEAD_OUTPUT_GROUPS', 'INPUT_NAME', 'BackboneOutputs', 'DetectorRawOutputs',
     'ExportResult', 'build_bbox_head', 'class_names', 'deploy_model', 'detections_entry',
-    'export_onnx', 'make_session', 'model_precision', 'onnx_detect', 'other_verify_shape',
-    'postprocess', 'prepare_inference', 'preprocess_images', 'read_metadata', 'run_session',
+    'export_onnx', 'make_session', 'onnx_detect', 'other_verify_shape',
+    'postprocess', 'preprocess_images', 'read_metadata', 'run_session',
     'verify_onnx',
 ]

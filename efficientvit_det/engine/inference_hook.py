@@ -6,7 +6,7 @@
 
 At ``before_test`` (weights loaded, before the first batch) it puts the detector in deploy mode
 (:func:`efficientvit_det.deploy.deploy_model`), resolves the precision for the model's device
-(:func:`efficientvit_det.precision.resolve_precision`: ``auto`` = bf16 on CPUs with native
+(:func:`efficientvit_det.inference.resolve_precision`: ``auto`` = bf16 on CPUs with native
 bf16, fp32 elsewhere), prepares the model for it (channels_last, float32 head outputs) and
 switches the test loop's autocast (mmengine's ``TestLoop(fp16=True)``, which autocasts to
 bf16 on CPU) on or off accordingly. Validation during training is left alone: deploy mode is
@@ -19,8 +19,7 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from torch import nn
 
-from efficientvit_det.deploy import model_precision, prepare_inference
-from efficientvit_det.precision import PRECISIONS, Precision
+from efficientvit_det.inference import PRECISIONS, Precision, model_precision, prepare_inference
 from efficientvit_det.registry import HOOKS
 
 __all__ = ['InferenceOptimizationHook']

@@ -1,7 +1,7 @@
 """Plain PyTorch reference of the windowed cascaded group attention (CGA).
 
 This is the oracle every other backend is tested against. It follows the original
-EfficientViT detection code (docs/design.md) with BatchNorms already folded into the
+EfficientViT detection code (docs/facts.md) with BatchNorms already folded into the
 weights:
 
 1. zero-pad the map bottom/right to a multiple of ``window_size`` (always, also for maps

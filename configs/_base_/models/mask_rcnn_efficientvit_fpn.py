@@ -1,5 +1,5 @@
 # Mask R-CNN with an EfficientViT backbone (m4 by default) and the EfficientViTFPN neck, as in
-# the original EfficientViT detection code (docs/design.md, docs/model_zoo.md).
+# the original EfficientViT detection code (docs/facts.md, docs/model_zoo.md).
 # Backbone levels 2/3/4 = stages 1-3 at strides 16/32/64; the neck adds two transposed-conv
 # levels (strides 8 and 4) and no extra convs, giving 5 outputs at strides 4..64: the
 # RPN uses all five, the RoI extractors the four finest. The heads and the train/test

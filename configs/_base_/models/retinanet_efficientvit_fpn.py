@@ -1,5 +1,5 @@
 # RetinaNet with an EfficientViT backbone (m4 by default) and the EfficientViTFPN neck,
-# as in the original EfficientViT detection code (docs/design.md).
+# as in the original EfficientViT detection code (docs/facts.md).
 # Backbone levels 2/3/4 = stages 1-3 at strides 16/32/64; the neck adds a stride-8 level
 # through a transposed conv and a stride-128 level with a 3x3 s2 conv on the raw stride-64
 # map, giving 5 outputs at strides 8..128 for the head.

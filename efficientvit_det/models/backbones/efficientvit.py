@@ -20,25 +20,10 @@ import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule
 from torch import Tensor, nn
 
+from efficientvit_det.archs import LEVEL_STRIDES, LEVELS, resolve_arch
 from efficientvit_det.ops import cascaded_group_attention, check_backend
 from efficientvit_det.ops.windows import relative_position_index, window_partition, window_reverse
 from efficientvit_det.registry import MODELS
-
-# Arch presets (docs/design.md, "Model family"). ``kernels`` lists one q-dwconv kernel per head
-# slot; a stage with h heads uses the first h.
-ARCH_SETTINGS: Dict[str, dict] = {
-    'm0': dict(embed_dims=(64, 128, 192), depths=(1, 2, 3), num_heads=(4, 4, 4), kernels=(5, 5, 5, 5)),
-    'm1': dict(embed_dims=(128, 144, 192), depths=(1, 2, 3), num_heads=(2, 3, 3), kernels=(7, 5, 3, 3)),
-    'm2': dict(embed_dims=(128, 192, 224), depths=(1, 2, 3), num_heads=(4, 3, 2), kernels=(7, 5, 3, 3)),
-    'm3': dict(embed_dims=(128, 240, 320), depths=(1, 2, 3), num_heads=(4, 3, 4), kernels=(5, 5, 5, 5)),
-    'm4': dict(embed_dims=(128, 256, 384), depths=(1, 2, 3), num_heads=(4, 4, 4), kernels=(7, 5, 3, 3)),
-    'm5': dict(embed_dims=(192, 288, 384), depths=(1, 3, 4), num_heads=(3, 3, 4), kernels=(7, 5, 3, 3)),
-}
-ARCH_FIELDS = ('embed_dims', 'depths', 'num_heads', 'kernels')
-
-# Feature levels that ``out_indices`` selects from.
-LEVELS = ('stem_s4', 'stem_s8', 'stage1', 'stage2', 'stage3')
-LEVEL_STRIDES = (4, 8, 16, 32, 64)
 
 
 def fold_bn(weight: Tensor, bias: Optional[Tensor],
@@ -373,21 +358,6 @@ class PatchEmbedding(nn.Module):
         return s4, s8, self.conv4(s8)
 
 
-def resolve_arch(arch: Union[str, dict]) -> dict:
-    if isinstance(arch, str):
-        if arch not in ARCH_SETTINGS:
-            raise ValueError(f'unknown EfficientViT arch {arch!r}; choose one of '
-                             f'{sorted(ARCH_SETTINGS)} or pass a dict with fields {ARCH_FIELDS}')
-        return dict(ARCH_SETTINGS[arch])
-    if not isinstance(arch, dict) or set(arch) - {*ARCH_FIELDS, 'key_dim', 'window_size'} \
-            or not set(ARCH_FIELDS) <= set(arch):
-        raise ValueError(f'arch dict must have the fields {ARCH_FIELDS} (optionally key_dim, '
-                         f'window_size), got {arch!r}')
-    if not len(arch['embed_dims']) == len(arch['depths']) == len(arch['num_heads']) == 3:
-        raise ValueError(f'arch dict: embed_dims, depths and num_heads need 3 entries each, got {arch!r}')
-    return dict(arch)
-
-
 @MODELS.register_module()
 class EfficientViT(BaseModule):
     """EfficientViT backbone (MSRA) returning a tuple of feature maps.
@@ -486,7 +456,7 @@ class EfficientViT(BaseModule):
 
     def init_weights(self) -> None:
         if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
-            from efficientvit_det.models.backbones.efficientvit_checkpoint import load_pretrained
+            from efficientvit_det.checkpoint.backbone import load_pretrained
             load_pretrained(self, self.init_cfg['checkpoint'],
                             prefix=self.init_cfg.get('prefix'))
             self._is_init = True
@@ -497,7 +467,7 @@ class EfficientViT(BaseModule):
                               unexpected_keys, error_msgs):
         # the original's detector checkpoints hold the backbone in the MSRA layout: renamed
         # before the keys are matched, as torch modules load older state layouts
-        from efficientvit_det.models.backbones.efficientvit_checkpoint import load_msra_keys_hook
+        from efficientvit_det.checkpoint.backbone import load_msra_keys_hook
         load_msra_keys_hook(self, state_dict, prefix, error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

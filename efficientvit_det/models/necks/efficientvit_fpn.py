@@ -3,7 +3,7 @@
 EfficientViT's stages start at stride 16. The original detection code adds
 ``num_extra_trans_convs`` levels below it: the top-down stride-16 lateral goes through a
 2x2 stride-2 ConvTranspose2d (with bias) and its own 3x3 conv, giving stride 8; a second
-one chains on the first's ConvTranspose output, giving stride 4 (docs/design.md, "Neck").
+one chains on the first's ConvTranspose output, giving stride 4 (docs/facts.md, "Neck").
 
 Checkpoints of the original code name those modules ``extra_trans_convs.{j}.conv`` (an mmcv
 ConvModule around the ConvTranspose2d) and ``extra_fpn_convs.{i}``; its ``extra_fpn_convs``
@@ -13,53 +13,16 @@ Our names stay as they were: checkpoints written by this project keep loading un
 """
 from __future__ import annotations
 
-import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
+import torch.nn.functional as F
 from mmcv.cnn import ConvModule
 from mmdet.models.necks import FPN
 from torch import Tensor, nn
 
-from efficientvit_det.models.backbones.efficientvit_checkpoint import KeyConversion, log_conversion
+from efficientvit_det.checkpoint.backbone import log_conversion
+from efficientvit_det.checkpoint.neck import original_neck_keys_to_ours
 from efficientvit_det.registry import MODELS
-
-_ORIGINAL_TRANS = re.compile(r'extra_trans_convs\.(\d+)\.conv\.(weight|bias)$')
-_ORIGINAL_TRANS_FPN = re.compile(r'extra_fpn_convs\.(\d+)\.(.+)$')
-
-
-def original_neck_keys_to_ours(state_dict: Dict[str, Tensor], prefix: str = '',
-                               num_extra_trans_convs: Optional[int] = None) -> KeyConversion:
-    """Rename the original EfficientViTFPN's transposed-conv keys under ``prefix``, in place.
-
-    ``extra_trans_convs.{j}.conv.*`` -> ``trans_convs.{j}.*``;
-    ``extra_fpn_convs.{i}.*`` -> ``trans_fpn_convs.{n - 1 - i}.*`` (the original applies
-    ``extra_fpn_convs[i]`` to the i-th finest level). ``n`` is ``num_extra_trans_convs``, or
-    the number of ``extra_trans_convs`` in the state dict. Other keys (lateral/fpn convs:
-    the same names in both) are left alone, as are keys with no counterpart (reported by the
-    loader as unexpected).
-    """
-    p = len(prefix)
-    keys = [k for k in state_dict if k.startswith(prefix)]
-    if num_extra_trans_convs is None:
-        num_extra_trans_convs = len({m.group(1) for k in keys
-                                     for m in [_ORIGINAL_TRANS.match(k[p:])] if m})
-    renamed, errors = 0, []
-    for key in keys:
-        m = _ORIGINAL_TRANS.match(key[p:])
-        if m:
-            new = f'{prefix}trans_convs.{m.group(1)}.{m.group(2)}'
-        else:
-            m = _ORIGINAL_TRANS_FPN.match(key[p:])
-            if not m or int(m.group(1)) >= num_extra_trans_convs:
-                continue
-            new = f'{prefix}trans_fpn_convs.{num_extra_trans_convs - 1 - int(m.group(1))}.' \
-                  f'{m.group(2)}'
-        if new in state_dict:
-            errors.append(f'{key} maps to {new}, which the checkpoint also holds')
-            continue
-        state_dict[new] = state_dict.pop(key)
-        renamed += 1
-    return KeyConversion(renamed, [], errors)
 
 
 @MODELS.register_module()
@@ -101,8 +64,6 @@ class EfficientViTFPN(FPN):
             ConvModule(out_channels, out_channels, 3, padding=1, conv_cfg=kwargs.get('conv_cfg'),
                        norm_cfg=kwargs.get('norm_cfg'), act_cfg=kwargs.get('act_cfg'), inplace=False)
             for _ in range(num_extra_trans_convs))
-        if num_extra_trans_convs:
-            self.fpn_convs[0].register_forward_pre_hook(_keep_top_down_input)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -124,23 +85,42 @@ class EfficientViTFPN(FPN):
             raise ValueError(f'EfficientViTFPN in_channels={list(self.in_channels)} but the backbone '
                              f'gives {got} channels; set neck.in_channels={got}')
 
+    def _top_down(self, inputs: Sequence[Tensor]) -> List[Tensor]:
+        """The laterals after mmdet's top-down pass (``upsample_cfg`` honoured)."""
+        laterals = [conv(inputs[i + self.start_level]) for i, conv in enumerate(self.lateral_convs)]
+        for i in range(len(laterals) - 1, 0, -1):
+            if 'scale_factor' in self.upsample_cfg:
+                up = F.interpolate(laterals[i], **self.upsample_cfg)
+            else:
+                up = F.interpolate(laterals[i], size=laterals[i - 1].shape[2:], **self.upsample_cfg)
+            laterals[i - 1] = laterals[i - 1] + up
+        return laterals
+
+    def _fpn_outputs(self, inputs: Sequence[Tensor], laterals: List[Tensor]) -> List[Tensor]:
+        """mmdet's FPN outputs: a 3x3 conv per lateral, then the extra levels."""
+        used = len(laterals)
+        outs = [self.fpn_convs[i](laterals[i]) for i in range(used)]
+        if self.num_outs > used and not self.add_extra_convs:
+            outs += [F.max_pool2d(outs[-1], 1, stride=2) for _ in range(self.num_outs - used)]
+        elif self.num_outs > used:
+            source = {'on_input': lambda: inputs[self.backbone_end_level - 1],
+                      'on_lateral': lambda: laterals[-1],
+                      'on_output': lambda: outs[-1]}[self.add_extra_convs]()
+            outs.append(self.fpn_convs[used](source))
+            for i in range(used + 1, self.num_outs):
+                x = F.relu(outs[-1]) if self.relu_before_extra_convs else outs[-1]
+                outs.append(self.fpn_convs[i](x))
+        return outs
+
     def forward(self, inputs: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
+        """mmdet's FPN forward (the same steps, as two methods), then the transposed-conv
+        levels grown from the finest lateral after the top-down pass."""
         self._check_inputs(inputs)
-        outs = super().forward(inputs)  # mmdet's FPN: top-down pass, output convs, extra levels
-        if not self.num_extra_trans_convs:
-            return outs
-        # the finest lateral after the top-down pass: the input mmdet's forward gave fpn_convs[0]
-        x = self.fpn_convs[0].__dict__.pop(_TOP_DOWN_INPUT)
+        laterals = self._top_down(inputs)
+        outs = self._fpn_outputs(inputs, laterals)
+        x = laterals[0]
         finer: List[Tensor] = []
         for deconv, conv in zip(self.trans_convs, self.trans_fpn_convs):
             x = deconv(x)
             finer.insert(0, conv(x))
         return tuple(finer) + tuple(outs)
-
-
-_TOP_DOWN_INPUT = '_efficientvit_top_down_input'
-
-
-def _keep_top_down_input(module: nn.Module, args: Tuple[Tensor, ...]) -> None:
-    """Forward pre-hook of ``fpn_convs[0]``: keep its input for the transposed convs."""
-    module.__dict__[_TOP_DOWN_INPUT] = args[0]

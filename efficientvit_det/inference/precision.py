@@ -1,12 +1,10 @@
 """Inference precision: which CPUs run bf16 natively, the ``auto`` rule, and applying it.
 
-One place for the precision choice of every inference path (``tools/infer.py`` through
-:func:`efficientvit_det.apis.detect_images`, ``tools/test.py`` through
-:class:`efficientvit_det.engine.InferenceOptimizationHook`, the detector benchmark); see
-``docs/precision.md``.
+One place for the precision choice of every inference path (through
+:func:`efficientvit_det.inference.prepare_inference`: ``tools/infer.py``, ``tools/test.py``'s
+:class:`efficientvit_det.engine.InferenceOptimizationHook`, the benchmarks); see
+``docs/precision.md``. The CPU's capabilities come from :func:`efficientvit_det.cpu.cpu_info`.
 
-* :func:`cpu_bf16_support`: the CPU's bf16 capability (AMX-BF16, AVX512-BF16, from
-  ``torch.cpu.get_capabilities()``; whether oneDNN runs bf16 at all).
 * :func:`resolve_precision`: ``auto`` | ``fp32`` | ``bf16`` for a device -> a :class:`Precision`
   (what runs and why). ``auto`` = bf16 on a CPU whose oneDNN runs bf16 natively (AMX-BF16 or
   AVX512-BF16), fp32 elsewhere, fp32 on CUDA.
@@ -20,7 +18,6 @@ One place for the precision choice of every inference path (``tools/infer.py`` t
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
 from dataclasses import dataclass
 from typing import Any, ContextManager, Optional, Set, Union
@@ -28,67 +25,13 @@ from typing import Any, ContextManager, Optional, Set, Union
 import torch
 from torch import nn
 
-__all__ = ['PRECISIONS', 'CpuBf16Support', 'Precision', 'cpu_bf16_support', 'resolve_precision',
-           'prepare_model', 'log_precision_once']
+from efficientvit_det.cpu import cpu_info
+
+__all__ = ['PRECISIONS', 'Precision', 'resolve_precision', 'prepare_model', 'log_precision_once']
 
 PRECISIONS = ('auto', 'fp32', 'bf16')
 _PREPARED_ATTR = '_efficientvit_det_precision'
 _logged: Set[str] = set()
-
-
-@dataclass(frozen=True)
-class CpuBf16Support:
-    """The CPU's bf16 capability, as torch (cpuinfo) and oneDNN report it."""
-
-    cpu_name: str
-    amx_bf16: bool
-    avx512_bf16: bool
-    onednn_bf16: bool  # oneDNN runs bf16 at all (emulated with AVX512 when not native)
-
-    @property
-    def native(self) -> bool:
-        """oneDNN runs bf16 convolutions/matmuls in hardware: AMX-BF16 or AVX512-BF16."""
-        return self.onednn_bf16 and (self.amx_bf16 or self.avx512_bf16)
-
-    def instructions(self) -> str:
-        found = [n for n, ok in (('AMX-BF16', self.amx_bf16), ('AVX512-BF16', self.avx512_bf16))
-                 if ok]
-        return ' + '.join(found) if found else 'neither AMX-BF16 nor AVX512-BF16'
-
-    def describe(self) -> str:
-        """One line, e.g. ``AMD EPYC: AVX512-BF16 (no AMX-BF16); oneDNN bf16: native``."""
-        amx = '' if self.amx_bf16 or not self.avx512_bf16 else ' (no AMX-BF16)'
-        onednn = ('native' if self.native else 'emulated (slower than fp32)'
-                  if self.onednn_bf16 else 'unsupported')
-        return f'{self.cpu_name}: {self.instructions()}{amx}; oneDNN bf16: {onednn}'
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_bf16_support() -> CpuBf16Support:
-    """The bf16 capability of this machine's CPU (cached)."""
-    caps: Any = {}
-    try:  # torch >= 2.7: cpuinfo's feature flags
-        caps = torch.cpu.get_capabilities()
-    except (AttributeError, RuntimeError):
-        pass
-    amx = bool(caps.get('amx_bf16', False)) if caps else _legacy_flag('_is_amx_tile_supported')
-    avx = bool(caps.get('avx512_bf16', False)) if caps else \
-        _legacy_flag('_is_avx512_bf16_supported')
-    try:
-        onednn = bool(torch.backends.mkldnn.is_available()
-                      and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        onednn = False
-    name = str(caps.get('cpu_name') or 'CPU') if caps else 'CPU'
-    return CpuBf16Support(name, amx, avx, onednn)
-
-
-def _legacy_flag(name: str) -> bool:
-    fn = getattr(torch.cpu, name, None)
-    try:
-        return bool(fn()) if fn is not None else False
-    except RuntimeError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -125,7 +68,7 @@ def resolve_precision(precision: str = 'auto',
     """``precision`` for ``device`` -> a :class:`Precision`.
 
     ``auto``: CUDA keeps fp32; a CPU whose oneDNN runs bf16 natively (AMX-BF16 or AVX512-BF16,
-    see :func:`cpu_bf16_support`) gets bf16 autocast + channels_last; other CPUs (no bf16
+    see :func:`efficientvit_det.cpu.cpu_info`) gets bf16 autocast + channels_last; other CPUs (no bf16
     instructions: bf16 would be emulated and slower than fp32) get fp32. ``fp32`` / ``bf16``
     are taken as asked; ``bf16`` on a CPU without native support warns that it is slower.
     """
@@ -140,18 +83,18 @@ def resolve_precision(precision: str = 'auto',
         if precision == 'bf16':
             return Precision('bf16', precision, device_type, 'asked for')
         return Precision('fp32', precision, device_type, 'auto: CUDA keeps fp32')
-    support = cpu_bf16_support()
+    support = cpu_info()
     if precision == 'bf16':
-        if not support.native:
+        if not support.native_bf16:
             warnings.warn(f'--precision bf16 on a CPU without native bf16 ({support.describe()}): '
                           'bf16 is emulated there and slower than fp32; use auto or fp32',
                           stacklevel=2)
         return Precision('bf16', precision, device_type, f'asked for; {support.describe()}')
-    if support.native:
+    if support.native_bf16:
         return Precision('bf16', precision, device_type,
-                         f'auto: {support.instructions()} present, oneDNN runs bf16 natively')
+                         f'auto: {support.bf16_instructions()} present, oneDNN runs bf16 natively')
     why = ('oneDNN has no bf16 on this CPU' if not support.onednn_bf16
-           else f'{support.instructions()}: bf16 would be emulated, slower than fp32')
+           else f'{support.bf16_instructions()}: bf16 would be emulated, slower than fp32')
     return Precision('fp32', precision, device_type, f'auto: {why}')
 
 

@@ -16,11 +16,9 @@ from mmengine.runner import Runner, load_checkpoint
 from torch.utils.data import Dataset
 
 import efficientvit_det  # noqa: F401  (installs the allow-list)
+from efficientvit_det.checkpoint import UnsafeCheckpointError
+from efficientvit_det.checkpoint.backbone import load_pretrained
 from efficientvit_det.models.backbones.efficientvit import EfficientViT
-from efficientvit_det.models.backbones.efficientvit_checkpoint import (
-    UnsafeCheckpointError,
-    load_pretrained,
-)
 
 
 class ToyModel(BaseModel):

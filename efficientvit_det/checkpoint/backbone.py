@@ -1,6 +1,7 @@
-"""Loading the classification checkpoints users hold into the detection backbone.
+"""Backbone key layouts: classification checkpoints users hold into the detection backbone,
+and the backbone part of the original's released detectors.
 
-Two layouts exist (docs/design.md, "Checkpoint layouts"):
+Two layouts exist (docs/facts.md, "Checkpoint layouts"):
 
 * MSRA original: ``patch_embed.{0,2,4,6}``, ``blocks{1,2,3}.*``, Conv2d_BN children ``c``/``bn``;
   ``blocks2``/``blocks3`` start with [res dw+FFN, PatchMerging, res dw+FFN] then the blocks.
@@ -16,13 +17,11 @@ in the MSRA layout under ``backbone.``, with the persistent ``attention_bias_idx
 the neck under the original's names. :func:`msra_keys_to_ours` renames such keys in place; the
 backbone and the neck call it (and the neck's counterpart) from ``_load_from_state_dict``, so
 every loader (mmengine's ``load_checkpoint``, ``load_from``, ``DetInferencer``) takes the files
-as they are, and :func:`efficientvit_det.models.detector_checkpoint.convert_detector_checkpoint`
+as they are, and :func:`efficientvit_det.checkpoint.detector.convert_detector_checkpoint`
 rewrites a whole file to our layout.
 """
 from __future__ import annotations
 
-import os
-import pickle
 import re
 from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
 
@@ -33,6 +32,8 @@ from torch import Tensor, nn
 
 from efficientvit_det.ops.windows import relative_position_index
 
+from .safe_load import load_checkpoint_file
+
 LAYOUTS = ('msra', 'timm')
 _CLASSIFIER_PREFIXES = ('head.', 'head_dist.', 'dist_head.', 'fc.', 'classifier.')
 _MSRA_KEY = re.compile(r'(patch_embed\.\d+|blocks[123]\.\d+)\.')
@@ -41,28 +42,6 @@ _BIAS_IDXS = 'attention_bias_idxs'
 
 class CheckpointLayoutError(ValueError):
     """The checkpoint is not an EfficientViT backbone in a layout we know."""
-
-
-class UnsafeCheckpointError(RuntimeError):
-    """The checkpoint's pickle asks for objects outside the weights-only allow-list."""
-
-
-def load_checkpoint_file(path: str) -> dict:
-    """Load a checkpoint with ``weights_only=True`` (local path or any mmengine URI)."""
-    if not os.path.isfile(path) and '://' not in path:
-        raise FileNotFoundError(f'checkpoint file not found: {path}')
-    try:
-        if os.path.isfile(path):
-            return torch.load(path, map_location='cpu', weights_only=True)
-        from mmengine.runner.checkpoint import CheckpointLoader  # torch.load: weights_only default
-        return CheckpointLoader.load_checkpoint(path, map_location='cpu')
-    except pickle.UnpicklingError as e:
-        reason = next((line for line in str(e).splitlines()
-                       if 'Unsupported' in line or 'refused' in line), str(e).splitlines()[0])
-        raise UnsafeCheckpointError(
-            f'refused to load {path}: its pickle asks for objects outside the weights-only '
-            f'allow-list, which could run code on this machine ({reason.strip()}). Re-save the '
-            'weights as a plain state dict from a trusted environment.') from None
 
 
 def unwrap_state_dict(checkpoint: dict) -> Dict[str, Tensor]:
