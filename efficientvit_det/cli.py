@@ -110,8 +110,10 @@ def run_tool(main: Callable[[Optional[Sequence[str]]], Any],
 # quiet by default
 # ---------------------------------------------------------------------------------------------
 #: Messages of third-party code a user can do nothing about, seen on every good run of the
-#: tools (mmengine 0.10.7 / mmdet 3.3 / torch 2.14): (category, message regex). They are
-#: silenced one by one, never with a global ignore; ``--verbose`` shows them.
+#: tools (mmengine 0.10.7 / mmdet 3.3 / torch 2.14): (kind, message regex); ``log``: mmengine's
+#: logger, ``warning``: Python's warnings. A good ``tools/infer.py`` run printed the registry,
+#: vis-backend, bbox and polygon ones; training the FileClient ones. They are silenced one by
+#: one, never with a global ignore; ``--verbose`` shows them.
 KNOWN_NOISE: Tuple[Tuple[str, str], ...] = (
     # mmengine's CheckpointHook / DetInferencer use mmengine's own deprecated FileClient
     ('log', r'"FileClient" will be deprecated'),
@@ -124,11 +126,6 @@ KNOWN_NOISE: Tuple[Tuple[str, str], ...] = (
     ('warning', r'Warning: The polygon is out of bounds'),
     ('warning', r'Warning: The bbox is out of bounds'),
     ('warning', r'Warning: The text is out of bounds'),
-    # torch.meshgrid in mmdet's anchor / prior generators
-    ('warning', r'torch\.meshgrid: in an upcoming release, it will be required to pass the '
-                r'indexing argument'),
-    # mmengine's Runner with CUDA missing / the DataLoader on a 2-core machine
-    ('warning', r"The current default backend 'nccl' is not supported"),
 )
 
 

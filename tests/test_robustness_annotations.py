@@ -279,7 +279,7 @@ def test_cli(tmp_path):
     r = check_annotations(good, '--classes', *CLASSES)
     assert r.returncode == 0 and 'invalid annotation(s) skipped' in r.stdout
     r = check_annotations(good, '--classes', *CLASSES, '--strict')
-    assert r.returncode == 1 and 'annotations[' in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith('error: ') and 'annotations[' in r.stderr
     bad = dump(tmp_path, '{"images": [', 'bad.json')
     r = check_annotations(bad)
-    assert r.returncode == 1 and 'bad.json: malformed JSON at line 1' in r.stderr
+    assert r.returncode == 2 and 'bad.json: malformed JSON at line 1' in r.stderr

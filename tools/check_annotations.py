@@ -3,15 +3,17 @@
     python tools/check_annotations.py data/coco/annotations/instances_train2017.json
     python tools/check_annotations.py ANN.json --classes person car --strict
 
-Exit status 0 when the file is usable (skipped records are counted and named), 1 on an error
-that names the file and the record.  The checks themselves live in
-``efficientvit_det.datasets.coco_checks`` (shared with the dataset); this is only the CLI.
+Exit status 0 when the file is usable (skipped records are counted and named), 2 with one
+line ``error: ...`` naming the file and the record when it is not (efficientvit_det.cli's
+codes: 2 = bad input). The checks themselves live in ``efficientvit_det.datasets.coco_checks``
+(shared with the dataset); this is only the CLI.
 """
 import argparse
 import sys
 from typing import Optional, Sequence
 
-from efficientvit_det.datasets.coco_checks import CocoAnnotationError, check_coco_file
+from efficientvit_det.cli import run_tool
+from efficientvit_det.datasets.coco_checks import check_coco_file
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -26,18 +28,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Print the check report; returns the exit status (0 usable, 1 error)."""
+    """Print the check report; a broken file raises ``CocoAnnotationError`` (exit 2)."""
     args = parse_args(argv)
-    try:
-        report = check_coco_file(args.ann_file, classes=args.classes,
-                                 on_invalid='raise' if args.strict else 'skip',
-                                 require_annotations=not args.no_annotations_ok)
-    except (CocoAnnotationError, FileNotFoundError) as e:
-        print(f'ERROR: {e}', file=sys.stderr)
-        return 1
+    report = check_coco_file(args.ann_file, classes=args.classes,
+                             on_invalid='raise' if args.strict else 'skip',
+                             require_annotations=not args.no_annotations_ok)
     print(report.summary())
     return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -7,7 +7,9 @@ tables, no classifier keys)::
     python tools/convert_checkpoint.py efficientvit_m4.pth \
         checkpoints/efficientvit_m4_backbone.pth --arch m4
 
-The output loads with ``backbone.init_cfg=dict(type='Pretrained', checkpoint=OUT)``.
+The output loads with ``backbone.init_cfg=dict(type='Pretrained', checkpoint=OUT)``. Without
+``--arch`` the arch is read from the checkpoint (its embed dims and depths: m0..m5); a
+checkpoint of another arch than ``--arch`` is an error naming both.
 
 Detector (the original code's released mmdet 2.x files, e.g.
 ``retinanet_efficientvit_m4_fpn_1x_coco.pth``) -> the same detector in our layout for good
@@ -20,6 +22,9 @@ into that config to check it::
         --config configs/retinanet_efficientvit_m4_coco.py
 
 (The released files also load as they are: this rewrite only saves the conversion at every load.)
+
+An existing DST is kept unless ``--force`` is given. Mistakes end the tool with one line
+``error: ...`` and exit status 2 (efficientvit_det.cli).
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ import sys
 
 import torch
 
+from efficientvit_det.cli import fail, run_tool, wrote
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
@@ -36,8 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('src',
                    help='MSRA / timm classification checkpoint, or a detector checkpoint')
     p.add_argument('dst', help='output checkpoint')
-    p.add_argument('--arch', default='m4',
-                   help="classification checkpoints: the backbone arch ('m0'..'m5')")
+    p.add_argument('--arch', default=None,
+                   help="classification checkpoints: the backbone arch ('m0'..'m5'; "
+                   'default: read from the checkpoint)')
     p.add_argument('--config',
                    help='detector checkpoints: load the result strictly into this config')
     p.add_argument('--force', action='store_true', help='overwrite dst if it exists')
@@ -51,20 +59,40 @@ def _save_atomic(obj: dict, dst: str) -> None:
     os.replace(tmp, dst)  # never leave a half-written file under the final name
 
 
-def convert_backbone(args: argparse.Namespace) -> int:
-    from efficientvit_det.models.backbones.efficientvit import EfficientViT
-    from efficientvit_det.checkpoint.backbone import load_pretrained
+def checkpoint_arch(checkpoint: dict) -> str:
+    """The preset (m0..m5) of a classification checkpoint, from its embed dims and depths."""
+    from efficientvit_det.checkpoint.backbone import detect_layout, infer_arch, msra_keys_to_ours, unwrap_state_dict
+    from efficientvit_det.checkpoint.detector import arch_name
 
-    backbone = EfficientViT(args.arch)
+    sd = dict(unwrap_state_dict(checkpoint))
+    if detect_layout(sd) == 'msra':
+        msra_keys_to_ours(sd)
+    dims, depths = infer_arch(sd)
+    name = arch_name(dims, depths)
+    if name == 'custom':
+        fail(f'cannot tell the arch of the checkpoint (embed_dims {dims}, depths {depths} is '
+             'none of m0..m5): pass --arch')
+    return name
+
+
+def convert_backbone(args: argparse.Namespace, checkpoint: dict) -> int:
+    from efficientvit_det.checkpoint.backbone import load_pretrained
+    from efficientvit_det.models.backbones.efficientvit import EfficientViT
+
+    arch = args.arch
+    if arch is None:
+        arch = checkpoint_arch(checkpoint)
+        print(f'arch {arch} (read from the checkpoint; --arch to set it)')
+    backbone = EfficientViT(arch)
     missing, unexpected = load_pretrained(backbone, args.src)
     if missing:
-        print(f'error: the checkpoint lacks {len(missing)} backbone tensors (e.g. {missing[:3]}); '
-              'not writing a partial backbone', file=sys.stderr)
-        return 1
+        fail(f'the checkpoint lacks {len(missing)} backbone tensors (e.g. {missing[:3]}); '
+             'not writing a partial backbone')
     _save_atomic({'state_dict': backbone.state_dict(),
-                  'meta': {'arch': args.arch, 'source': args.src}}, args.dst)
-    print(f'wrote {args.dst}: {len(backbone.state_dict())} tensors (arch {args.arch}); '
-          f'ignored {len(unexpected)} unexpected keys')
+                  'meta': {'arch': arch, 'source': args.src}}, args.dst)
+    print(f'{len(backbone.state_dict())} tensors (arch {arch}); ignored {len(unexpected)} '
+          'unexpected keys')
+    wrote('backbone', args.dst)
     return 0
 
 
@@ -76,45 +104,33 @@ def convert_detector(args: argparse.Namespace, checkpoint: dict) -> int:
     try:
         converted, report = convert_detector_checkpoint(checkpoint)
     except CheckpointLayoutError as e:
-        print(f'error: {args.src}: {e}', file=sys.stderr)
-        return 1
+        fail(f'{args.src}: {e}')
     converted['meta'].setdefault('source_meta', {})['converted_from'] = os.path.basename(args.src)
     _save_atomic(converted, args.dst)
     for line in report:
         print(line)
-    print(f'wrote {args.dst}: {len(converted["state_dict"])} tensors')
+    print(f'{len(converted["state_dict"])} tensors')
     if args.config:
         init_detector(args.config, args.dst, device='cpu', strict=True)  # raises on a mismatch
         print(f'checked: loads strictly into {args.config}')
+    wrote('detector', args.dst)
     return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from efficientvit_det.checkpoint import UnsafeCheckpointError, load_checkpoint_file
-    from efficientvit_det.checkpoint.backbone import CheckpointLayoutError
+    from efficientvit_det.checkpoint import load_checkpoint_file
     from efficientvit_det.checkpoint.detector import is_detector_checkpoint
 
     if os.path.exists(args.dst) and not args.force:
-        print(f'error: {args.dst} exists; pass --force to overwrite', file=sys.stderr)
-        return 2
-    try:
-        checkpoint = load_checkpoint_file(args.src)
-    except (FileNotFoundError, UnsafeCheckpointError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
+        fail(f'{args.dst} exists; pass --force to overwrite')
+    checkpoint = load_checkpoint_file(args.src)
     if is_detector_checkpoint(checkpoint):
         return convert_detector(args, checkpoint)
     if args.config:
-        print('error: --config is for detector checkpoints; this one holds no backbone.* keys',
-              file=sys.stderr)
-        return 2
-    try:
-        return convert_backbone(args)
-    except CheckpointLayoutError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
+        fail('--config is for detector checkpoints; this one holds no backbone.* keys')
+    return convert_backbone(args, checkpoint)
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -18,12 +18,13 @@
 """
 import argparse
 import json
-import logging
 import os
 import os.path as osp
+import sys
 import time
-import warnings
 from contextlib import contextmanager, redirect_stdout
+
+from efficientvit_det.cli import known_warnings_silenced, quiet_console, run_tool
 
 _ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))  # the checkout: its configs/
 DEFAULT_CONFIG = osp.join(_ROOT, 'configs', 'retinanet_efficientvit_m0_demo.py')
@@ -80,16 +81,6 @@ def _quiet_stdout(quiet: bool):
         return
     with open(os.devnull, 'w') as devnull, redirect_stdout(devnull):
         yield
-
-
-class _DropKnownNoise(logging.Filter):
-    """Warnings the user can do nothing about: mmengine's notes on its own deprecated
-    FileClient (its CheckpointHook uses it) and DetInferencer's registry fallback."""
-    NOISE = ('"FileClient" will be deprecated', '"HardDiskBackend" is the alias',
-             'Failed to search registry with scope')
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(n in record.getMessage() for n in self.NOISE)
 
 
 def warn_if_cpu_is_shared() -> None:
@@ -154,8 +145,6 @@ def build_config(args):
     cfg.work_dir = args.work_dir
     cfg.randomness = dict(seed=args.seed)
     cfg.default_hooks.logger.interval = args.log_interval
-    if not args.verbose:
-        cfg.log_level = 'WARNING'
     return cfg
 
 
@@ -188,7 +177,7 @@ def make_progress_hook(interval: int):
 
 def train_and_evaluate(args):
     """Steps 2 and 3: returns (checkpoint path, COCO metrics, timings)."""
-    from mmengine.runner import Runner
+    from efficientvit_det.apis import build_runner
     cfg = build_config(args)
     epochs, batch = cfg.train_cfg.max_epochs, cfg.train_dataloader.batch_size
     n_iter = epochs * -(-args.num_train // batch)
@@ -196,10 +185,9 @@ def train_and_evaluate(args):
           f'{args.num_train} images ({n_iter} iterations of batch {batch}) -> {args.work_dir}',
           flush=True)
     timings = {}
-    with _timed(timings, 'train'):
-        runner = Runner.from_cfg(cfg)
-        if not args.verbose:
-            runner.logger.addFilter(_DropKnownNoise())
+    with _timed(timings, 'train'), known_warnings_silenced(not args.verbose):
+        # quiet: mmengine's console shows warnings only; its log file keeps everything
+        runner = build_runner(cfg, quiet=not args.verbose)
         runner.register_hook(make_progress_hook(args.log_interval))
         runner.train()
     print(f'[3/4] COCO evaluation on {args.num_val} validation images'
@@ -217,13 +205,9 @@ def detect_on_validation_images(args, ckpt: str):
                     if f.endswith('.jpg'))[:args.num_vis]
     infer_dir = osp.join(args.work_dir, 'infer')
     print(f'[4/4] detection on {len(images)} validation images -> {infer_dir}', flush=True)
-    with warnings.catch_warnings():
-        # mmengine's visualiser on boxes touching the border of these small images, and on
-        # the vis backend DetInferencer does not use: noise, not problems
-        warnings.filterwarnings('ignore', message='.*(out of bounds|Failed to add)')
-        return detect_images(args.config, ckpt, images, out_dir=infer_dir, device=args.device,
-                             score_thr=args.score_thr, cfg_options=args.cfg_options,
-                             show_progress=False)
+    return detect_images(args.config, ckpt, images, out_dir=infer_dir, device=args.device,
+                         score_thr=args.score_thr, cfg_options=args.cfg_options,
+                         show_progress=False, verbose=args.verbose)
 
 
 def _box_iou(a, b) -> float:
@@ -284,7 +268,7 @@ def draw_grid(entries: list, ann_file: str, palette, out_file: str) -> dict:
             if hit is None:
                 draw.rectangle([v * GRID_ZOOM for v in g[:4]], outline=(255, 255, 255), width=1)
         for d in e['detections']:
-            _draw_detection(draw, d, tuple(palette[d['label'] % len(palette)]), font)
+            _draw_detection(draw, d, tuple(palette[d['label'] % len(palette)]), font, im.width)
         hits = sum(h is not None for h in found)
         wrong = len(dets) - hits
         draw.text((4, im.height + 1), f'found {hits}/{len(truth)}' +
@@ -295,11 +279,13 @@ def draw_grid(entries: list, ann_file: str, palette, out_file: str) -> dict:
     return dict(found=n_found, objects=n_total, wrong=n_wrong)
 
 
-def _draw_detection(draw, det: dict, colour: tuple, font) -> None:
+def _draw_detection(draw, det: dict, colour: tuple, font, width: int) -> None:
+    from efficientvit_det.engine.visualization import format_score
     x1, y1, x2, y2 = (v * GRID_ZOOM for v in det['bbox'])
     draw.rectangle([x1, y1, x2, y2], outline=colour, width=2)
-    text = f'{det["class"]} {det["score"]:.2f}'
-    tx, ty = x1, max(y1 - 11, 0)
+    text = f'{det["class"]} {format_score(det["score"])}'
+    text_width = draw.textlength(text, font=font)
+    tx, ty = max(min(x1, width - text_width - 1), 1), max(y1 - 11, 0)  # inside the picture
     left, top, right, bottom = draw.textbbox((tx, ty), text, font=font)
     draw.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=colour)
     draw.text((tx, ty), text, fill=(255, 255, 255), font=font)
@@ -370,6 +356,8 @@ def print_summary(s: dict, args) -> None:
 def main(argv=None) -> dict:
     from efficientvit_det.datasets.synthetic import PALETTE
     args = parse_args(argv)
+    if not args.verbose:
+        quiet_console()
     t_start, timings = time.time(), {}
     warn_if_cpu_is_shared()
     with _timed(timings, 'dataset'):
@@ -387,4 +375,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_tool(main))

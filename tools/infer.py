@@ -2,9 +2,16 @@
 
 Examples::
 
-    python tools/infer.py CONFIG CHECKPOINT demo.jpg
+    python tools/infer.py CONFIG CHECKPOINT image.jpg
     python tools/infer.py CONFIG CHECKPOINT data/synthetic/val --out-dir outputs/infer \
         --device cpu --score-thr 0.3
+
+Before the model runs, the checkpoint is checked against the config (arch, number of
+classes, keys: one line ``error: ...`` and exit status 2 when it does not fit; ``--no-strict``
+loads only the tensors that fit) and every image is decoded once: one that cannot be (empty,
+truncated, not an image) is skipped with a ``skipped <file>: <reason>`` line on stderr and the
+others run. Progress lines (count, rate, ETA) on stdout; ``--verbose`` adds mmengine's messages
+and the known third-party warnings.
 
 Writes, under ``--out-dir``:
 
@@ -26,7 +33,8 @@ import sys
 from mmengine.config import DictAction
 
 from efficientvit_det.apis import detect_images
-from efficientvit_det.precision import PRECISIONS
+from efficientvit_det.cli import run_tool, wrote
+from efficientvit_det.inference import PRECISIONS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,26 +56,32 @@ def parse_args(argv=None) -> argparse.Namespace:
                              '(default: %(default)s)')
     parser.add_argument('--no-fuse', action='store_true',
                         help='do not put the model in deploy mode (BatchNorm folding)')
+    parser.add_argument('--no-strict', action='store_true',
+                        help='load only the tensors of the checkpoint that fit the config '
+                        'instead of stopping at the first difference')
+    parser.add_argument('--verbose', action='store_true',
+                        help="mmengine's messages and third-party warnings on the console")
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config entries, xxx=yyy format')
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        entries = detect_images(args.config, args.checkpoint, args.inputs, args.out_dir,
-                                args.device, args.score_thr, args.batch_size,
-                                args.save_per_image, not args.no_vis, args.cfg_options,
-                                precision=args.precision, deploy=not args.no_fuse)
-    except (FileNotFoundError, ValueError) as exc:  # a bad path or device: no traceback
-        sys.exit(f'error: {exc}')
+    entries = detect_images(args.config, args.checkpoint, args.inputs, args.out_dir,
+                            args.device, args.score_thr, args.batch_size,
+                            args.save_per_image, not args.no_vis, args.cfg_options,
+                            precision=args.precision, deploy=not args.no_fuse,
+                            strict=not args.no_strict, verbose=args.verbose)
     n = sum(len(e['detections']) for e in entries)
     print(f'{len(entries)} images, {n} detections (score >= {args.score_thr})')
     if not args.no_vis:
-        print(f'visualisations: {osp.join(args.out_dir, "vis")}')
-    print(f'detections:     {osp.join(args.out_dir, "detections.json")}')
+        wrote('drawn images', osp.join(args.out_dir, 'vis'))
+    if args.save_per_image:
+        wrote('per image', osp.join(args.out_dir, 'preds'))
+    wrote('detections', osp.join(args.out_dir, 'detections.json'))
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_tool(main))

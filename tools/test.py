@@ -14,16 +14,26 @@ docs/precision.md).
 
 ``--out`` writes the raw predictions (mmdet's DumpDetResults format: one dict per image
 with ``pred_instances`` bboxes / scores / labels); ``--show-dir`` writes each image with its
-ground truth (left) and predictions (right).
+ground truth (left) and predictions (right); the tool ends with the paths it wrote.
+
+Before the Runner is built, the checkpoint (exists, weights-only pickle, fits the config:
+arch, number of classes, keys; ``--no-strict`` loads what fits) and the test data files are
+checked; a mistake ends the tool with one line ``error: ...`` and exit status 2, an image
+that cannot be decoded too (evaluation needs every image). The console shows a progress line
+(count, rate, ETA) and the metrics; mmengine's full log and pycocotools' tables are in the
+log file (``--verbose`` prints them too).
 """
 import argparse
+import contextlib
 import os
 import os.path as osp
+import sys
 
 from mmengine.config import Config, ConfigDict, DictAction
 
-from efficientvit_det.apis import build_runner, load_config
-from efficientvit_det.precision import PRECISIONS
+from efficientvit_det.apis import build_runner, check_checkpoint, check_data_files, load_config, use_robust_test_loading
+from efficientvit_det.cli import fail, known_warnings_silenced, quiet_console, run_tool, wrote
+from efficientvit_det.inference import PRECISIONS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,6 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                              '(default: %(default)s)')
     parser.add_argument('--no-fuse', action='store_true',
                         help='do not put the model in deploy mode (BatchNorm folding)')
+    parser.add_argument('--no-strict', action='store_true',
+                        help='load only the tensors of the checkpoint that fit the config '
+                        'instead of stopping at the first difference')
+    parser.add_argument('--verbose', action='store_true',
+                        help="mmengine's full log and pycocotools' output on the console")
     parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override config entries, xxx=yyy format')
@@ -61,8 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _draw_predictions(cfg: Config, args: argparse.Namespace) -> None:
     vis = cfg.default_hooks.get('visualization')
     if vis is None:
-        raise SystemExit('--show/--show-dir need default_hooks.visualization '
-                         '(DetVisualizationHook) in the config')
+        fail('--show/--show-dir need default_hooks.visualization (DetVisualizationHook) in '
+             'the config')
     vis.update(draw=True, score_thr=args.score_thr)
     if args.show:
         vis.update(show=True, wait_time=args.wait_time)
@@ -74,7 +89,7 @@ def _draw_predictions(cfg: Config, args: argparse.Namespace) -> None:
 
 def _use_tta(cfg: Config) -> None:
     if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
-        raise SystemExit('--tta needs tta_model and tta_pipeline in the config')
+        fail('--tta needs tta_model and tta_pipeline in the config')
     cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
     cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
 
@@ -115,12 +130,37 @@ def evaluation_config(args: argparse.Namespace) -> Config:
 
 
 def main(argv=None) -> dict:
+    from efficientvit_det.engine.progress import EvalProgressHook, format_metrics
+
     args = parse_args(argv)
-    metrics = build_runner(evaluation_config(args)).test()
+    if not args.verbose:
+        quiet_console()
+    cfg = load_config(args.config, args.cfg_options)
+    check_checkpoint(cfg, args.checkpoint, strict=not args.no_strict)
+    check_data_files(cfg, ('test',))
+    cfg = evaluation_config(args)
+    use_robust_test_loading(cfg, ('test',))
+    with known_warnings_silenced(not args.verbose):
+        runner = build_runner(cfg, quiet=not args.verbose)
+        log_file = osp.join(runner.log_dir, f'{runner.timestamp}.log')
+        with contextlib.ExitStack() as stack:
+            if not args.verbose:
+                runner.register_hook(EvalProgressHook('test (TTA)' if args.tta else 'test'))
+                print(f'evaluating {args.checkpoint}'
+                      f'{" with test-time augmentation" if args.tta else ""} '
+                      f'(full log: {log_file})', flush=True)
+                # pycocotools prints its progress on stdout; mmdet logs its tables (log file)
+                stack.enter_context(contextlib.redirect_stdout(
+                    stack.enter_context(open(os.devnull, 'w'))))
+            metrics = runner.test()
+    print(format_metrics(metrics), flush=True)
     if args.out is not None:
-        print(f'predictions written to {osp.abspath(args.out)}')
+        wrote('predictions', args.out)
+    if args.show_dir:
+        wrote('drawn images', args.show_dir)
+    wrote('log', log_file)
     return metrics
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_tool(main))
