@@ -22,7 +22,9 @@ env_cfg = dict(
     dist_cfg=dict(backend='nccl'))
 
 vis_backends = [dict(type='LocalVisBackend')]
-visualizer = dict(type='DetLocalVisualizer', vis_backends=vis_backends, name='visualizer')
+# mmdet's DetLocalVisualizer with labels 'circle 0.85' kept inside the image
+# (efficientvit_det/engine/visualization.py)
+visualizer = dict(type='EfficientViTDetVisualizer', vis_backends=vis_backends, name='visualizer')
 log_processor = dict(type='LogProcessor', window_size=50, by_epoch=True)
 
 log_level = 'INFO'

@@ -3,6 +3,8 @@ mode and inference precision in the test loop (``InferenceOptimizationHook``).""
 from .hooks import NonFiniteLossError, NonFiniteLossHook, SkippedImagesHook, find_robust_loaders
 from .inference_hook import InferenceOptimizationHook
 from .loops import ResumableEpochBasedTrainLoop
+from .visualization import EfficientViTDetVisualizer
 
 __all__ = ['InferenceOptimizationHook', 'NonFiniteLossError', 'NonFiniteLossHook',
-           'SkippedImagesHook', 'find_robust_loaders', 'ResumableEpochBasedTrainLoop']
+           'SkippedImagesHook', 'find_robust_loaders', 'ResumableEpochBasedTrainLoop',
+           'EfficientViTDetVisualizer']
