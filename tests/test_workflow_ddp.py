@@ -65,7 +65,7 @@ def test_ddp_two_processes_gloo_cpu(tmp_path):
     env = {'GPUS': '2', 'MASTER_PORT': str(free_port()),
            'PYTHONPATH': f'{tmp_path}{os.pathsep}{ROOT}'}
     r = run(['bash', osp.join(TOOLS, 'dist_train.sh'), cfg, '--work-dir',
-             tmp_path / 'work'], env=env, timeout=400)
+             tmp_path / 'work', '--verbose'], env=env, timeout=400)  # mmengine's log lines
     text = r.stdout + r.stderr
     assert 'Epoch(train) [2][4/4]' in text, text[-3000:]
 
@@ -93,7 +93,7 @@ def test_ddp_two_processes_gloo_cpu(tmp_path):
     # distributed testing: 2 ranks share the 4 validation images, rank 0 reports COCO AP
     env['MASTER_PORT'] = str(free_port())
     r = run(['bash', osp.join(TOOLS, 'dist_test.sh'), cfg, tmp_path / 'work' / 'epoch_2.pth',
-             '2', '--work-dir', tmp_path / 'test', '--cfg-options',
+             '2', '--work-dir', tmp_path / 'test', '--verbose', '--cfg-options',
              'model.test_cfg.score_thr=0.0', 'test_dataloader.batch_size=1'], env=env,
             timeout=300)
     text = r.stdout + r.stderr
