@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
+from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from torch import Tensor, nn
 
@@ -340,22 +341,32 @@ class EfficientVitStage(nn.Module):
 
 
 class PatchEmbedding(nn.Module):
-    """Four 3x3 stride-2 ConvNorms (stride 16); also returns the stride-4 and -8 maps."""
+    """Four 3x3 stride-2 ConvNorms (stride 16); also returns the stride-4 and -8 maps.
 
-    def __init__(self, in_chans: int, dim: int):
+    ``num_outputs`` (1-3): the maps built and returned, [stride 4, stride 8, stride 16];
+    a backbone that stops at a stem level builds no conv after it.
+    """
+
+    def __init__(self, in_chans: int, dim: int, num_outputs: int = 3):
         super().__init__()
         self.conv1 = ConvNorm(in_chans, dim // 8, 3, 2, 1)
         self.relu1 = nn.ReLU()
         self.conv2 = ConvNorm(dim // 8, dim // 4, 3, 2, 1)
         self.relu2 = nn.ReLU()
-        self.conv3 = ConvNorm(dim // 4, dim // 2, 3, 2, 1)
-        self.relu3 = nn.ReLU()
-        self.conv4 = ConvNorm(dim // 2, dim, 3, 2, 1)
+        if num_outputs >= 2:
+            self.conv3 = ConvNorm(dim // 4, dim // 2, 3, 2, 1)
+            self.relu3 = nn.ReLU()
+        if num_outputs >= 3:
+            self.conv4 = ConvNorm(dim // 2, dim, 3, 2, 1)
+        self.num_outputs = num_outputs
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        s4 = self.relu2(self.conv2(self.relu1(self.conv1(x))))
-        s8 = self.relu3(self.conv3(s4))
-        return s4, s8, self.conv4(s8)
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        maps = [self.relu2(self.conv2(self.relu1(self.conv1(x))))]
+        if self.num_outputs >= 2:
+            maps.append(self.relu3(self.conv3(maps[-1])))
+        if self.num_outputs >= 3:
+            maps.append(self.conv4(maps[-1]))
+        return tuple(maps)
 
 
 @MODELS.register_module()
@@ -366,7 +377,10 @@ class EfficientViT(BaseModule):
         arch: 'm0'..'m5' or a dict with ``embed_dims``, ``depths``, ``num_heads``,
             ``kernels`` (and optionally ``key_dim``, ``window_size``).
         out_indices: levels to return, from ``LEVELS``: 0 = stem stride 4 (C1/4 channels),
-            1 = stem stride 8 (C1/2), 2/3/4 = stages 1/2/3 (strides 16/32/64).
+            1 = stem stride 8 (C1/2), 2/3/4 = stages 1/2/3 (strides 16/32/64). Nothing after
+            the last requested level is built, run or trained (e.g. ``(1, 2, 3)`` has no
+            stage 3, so DDP needs no ``find_unused_parameters``); a checkpoint's tensors of
+            those parts are ignored when it loads, with one log line.
         frozen_stages: -1 freezes nothing; 0 the stem; k >= 1 the stem and stages 1..k.
         norm_eval: keep every BatchNorm in eval mode while training (as the original).
         with_cp: activation checkpointing per block (saves memory, costs a recompute).
@@ -408,10 +422,13 @@ class EfficientViT(BaseModule):
         self.attn_backend = attn_backend
         self.window_size = window_size
 
-        self.patch_embed = PatchEmbedding(in_channels, dims[0])
+        # levels 0..num_levels-1 are computed: the stem's maps up to the last requested
+        # level, then the stages up to it
+        self.num_levels = max(out_indices) + 1
+        self.patch_embed = PatchEmbedding(in_channels, dims[0], num_outputs=min(self.num_levels, 3))
         self.stages = nn.ModuleList()
         in_dim = dims[0]
-        for i in range(3):
+        for i in range(max(self.num_levels - 2, 0)):
             self.stages.append(EfficientVitStage(
                 in_dim, dims[i], depths[i], key_dim, heads[i], window_size, kernels,
                 downsample=i > 0, attn_backend=attn_backend, with_cp=with_cp))
@@ -421,12 +438,20 @@ class EfficientViT(BaseModule):
         self.out_strides: List[int] = [LEVEL_STRIDES[i] for i in out_indices]
         self._freeze_stages()
 
+    def unbuilt_prefixes(self) -> Tuple[str, ...]:
+        """State-dict prefixes of the full backbone's parts that ``out_indices`` leaves out
+        (timm/our layout), e.g. ``('stages.2.',)`` for ``out_indices=(2, 3)``."""
+        stem = ('patch_embed.conv3.', 'patch_embed.conv4.')[max(self.num_levels - 1, 0):]
+        return stem + tuple(f'stages.{i}.' for i in range(len(self.stages), 3))
+
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
-        s4, s8, x = self.patch_embed(x)
-        levels = [s4, s8]
-        for stage in self.stages:
-            x = stage(x)
-            levels.append(x)
+        maps = self.patch_embed(x)
+        levels = list(maps[:2])
+        if self.stages:
+            x = maps[2]
+            for stage in self.stages:
+                x = stage(x)
+                levels.append(x)
         return tuple(levels[i] for i in self.out_indices)
 
     def set_attn_backend(self, backend: str) -> 'EfficientViT':
@@ -469,8 +494,25 @@ class EfficientViT(BaseModule):
         # before the keys are matched, as torch modules load older state layouts
         from efficientvit_det.checkpoint.backbone import load_msra_keys_hook
         load_msra_keys_hook(self, state_dict, prefix, error_msgs)
+        self._drop_unbuilt_keys(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    def _drop_unbuilt_keys(self, state_dict: Dict[str, Tensor], prefix: str) -> None:
+        """Remove (in place) the tensors of parts this backbone does not build, with one log
+        line: a full checkpoint (classification, released detector, ours) loads into a
+        backbone that stops early, strictly too."""
+        unbuilt = self.unbuilt_prefixes()
+        dropped = [k for k in state_dict
+                   if k.startswith(prefix) and k[len(prefix):].startswith(unbuilt)] if unbuilt else []
+        if not dropped:
+            return
+        for k in dropped:
+            del state_dict[k]
+        parts = [p.rstrip('.') for p in unbuilt if any(k.startswith(prefix + p) for k in dropped)]
+        print_log(f'{prefix.rstrip(".") or "backbone"}: out_indices={self.out_indices} ends at '
+                  f'level {LEVELS[self.num_levels - 1]!r}: ignored {len(dropped)} checkpoint '
+                  f'tensors of the parts not built ({", ".join(parts)})', logger='current')
 
     @torch.no_grad()
     def fuse(self) -> 'EfficientViT':
@@ -482,7 +524,7 @@ class EfficientViT(BaseModule):
                     setattr(parent, name, child.fuse())
         for parent, conv, relu in _CONV_RELU_PAIRS:
             for m in self.modules():
-                if isinstance(m, parent) and isinstance(getattr(m, conv), nn.Conv2d):
+                if isinstance(m, parent) and isinstance(getattr(m, conv, None), nn.Conv2d):
                     setattr(m, conv, ConvReLU(getattr(m, conv)))
                     setattr(m, relu, nn.Identity())
         return self
