@@ -3,6 +3,17 @@
     python -m benchmarks flops                              # all archs + RetinaNet-m4
     python -m benchmarks flops --arch m4 --shape 224 224
     python -m benchmarks flops --detector configs/retinanet_efficientvit_m4_coco.py --shape 800 1344
+    python -m benchmarks flops --detector configs/*.py --shape 512 --convention mmengine
+
+Every detector config of the project works (two-stage and DETR-style ones get the image metas
+their ``_forward`` reads). ``--convention mmengine`` counts as mmdet's
+``tools/analysis_tools/get_flops.py`` does (mmengine's default handles, norms included); the
+fused attention op is counted like its reference path either way, so the count does not depend
+on ``--attn-backend`` (``efficientvit_det/models/complexity.py``). Two-stage detectors: the
+tensor forward (as in ``get_flops.py``) runs the RoI heads, mask heads included, on every
+proposal the RPN keeps for the (fixed pseudo-random) input, at most ``test_cfg.rpn.max_per_img``
+(``--cfg-options model.test_cfg.rpn.max_per_img=N`` to count N). DINO needs at least
+``num_queries`` (900) encoder tokens: inputs of about 224 px or more.
 
 FLOPs here are **multiply-accumulates** (MACs: one fused multiply-add = 1) of convolutions,
 linear layers and matrix products -- the attention's ``q^T k`` and ``v attn^T`` included -- the
@@ -33,6 +44,7 @@ import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from mmengine.config import DictAction
 from torch import Tensor, nn
 
 from benchmarks.common import (
@@ -136,19 +148,36 @@ def _zero(inputs, outputs) -> int:
     return 0
 
 
-def analyze(model: nn.Module, inputs: Tuple[Tensor, ...]) -> Dict[str, Any]:
-    """MACs with mmengine's FlopAnalyzer: conv, linear, matmul/bmm; no BN, no element-wise."""
+CONVENTIONS = ('macs', 'mmengine')
+
+
+def analyze(model: nn.Module, inputs: Tuple[Tensor, ...], convention: str = 'macs') -> Dict[str, Any]:
+    """FLOPs with mmengine's FlopAnalyzer (jit trace).
+
+    ``convention='macs'``: multiply-adds of conv, linear, matmul/bmm; no BN, no element-wise.
+    ``'mmengine'``: mmengine's default handles as they are (norms, pooling, upsampling and
+    grid sampling counted too), what mmdet's ``tools/analysis_tools/get_flops.py`` reports.
+    The fused attention op (``efficientvit_det::cga``) is counted like the reference path in
+    both (:mod:`efficientvit_det.models.complexity`).
+    """
     from mmengine.analysis import FlopAnalyzer
+
+    from efficientvit_det.models.complexity import CGA_OP, cga_macs_jit
+    if convention not in CONVENTIONS:
+        raise ValueError(f'convention must be one of {CONVENTIONS}, got {convention!r}')
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         fa = FlopAnalyzer(model, inputs)
-        # Not MACs: BN folds into the convs at inference; pooling/upsampling are element-wise.
-        # (set_op_handle(name, None) does not drop a default handle in mmengine 0.10: use a
-        # handle that counts nothing.)
-        for op in ('aten::batch_norm', 'aten::adaptive_avg_pool2d', 'aten::upsample_nearest2d',
-                   'aten::upsample_bilinear2d', 'aten::group_norm', 'aten::layer_norm',
-                   'aten::instance_norm', 'aten::grid_sampler'):
-            fa.set_op_handle(op, _zero)
+        if convention == 'macs':
+            # Not MACs: BN folds into the convs at inference; pooling/upsampling are
+            # element-wise. (set_op_handle(name, None) does not drop a default handle in
+            # mmengine 0.10: use a handle that counts nothing.)
+            for op in ('aten::batch_norm', 'aten::adaptive_avg_pool2d',
+                       'aten::upsample_nearest2d', 'aten::upsample_bilinear2d',
+                       'aten::group_norm', 'aten::layer_norm', 'aten::instance_norm',
+                       'aten::grid_sampler'):
+                fa.set_op_handle(op, _zero)
+            fa.set_op_handle(CGA_OP, cga_macs_jit)
         fa.unsupported_ops_warnings(False)
         fa.uncalled_modules_warnings(False)
         fa.tracer_warnings('none')
@@ -167,7 +196,7 @@ def classification_model(arch: str, img_size: int = 224) -> nn.Module:
 
 def detection_backbone(arch: str) -> nn.Module:
     from efficientvit_det.models.backbones.efficientvit import EfficientViT
-    return EfficientViT(arch, attn_backend='reference').eval()
+    return EfficientViT(arch, attn_backend='module').eval()
 
 
 def backbone_report(arch: str, height: int, width: int) -> Dict[str, Any]:
@@ -206,27 +235,48 @@ def backbone_report(arch: str, height: int, width: int) -> Dict[str, Any]:
 # detectors
 # --------------------------------------------------------------------------------------------
 class _DetectorTensors(nn.Module):
-    """backbone + neck + head on a batched tensor (no pre/post-processing)."""
+    """backbone + neck + head(s) on a batched tensor (no pre/post-processing): the detector's
+    ``_forward``, with the image metas that two-stage and DETR-style detectors read (image
+    and padded batch shape), as mmdet's ``get_flops.py`` passes its data samples."""
 
     def __init__(self, det: nn.Module):
         super().__init__()
         self.det = det
 
     def forward(self, x):
-        return self.det._forward(x)
+        from mmdet.structures import DetDataSample
+        h, w = x.shape[-2:]
+        meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
+                    batch_input_shape=(h, w), scale_factor=(1.0, 1.0))
+        return self.det._forward(x, [DetDataSample(metainfo=meta) for _ in range(len(x))])
 
 
-def detector_report(config: str, height: int, width: int) -> Dict[str, Any]:
-    det = build_detector_from_config(config, attn_backend='reference')
-    an = analyze(_DetectorTensors(det), (torch.zeros(1, 3, height, width),))
+def detector_input(height: int, width: int) -> Tensor:
+    """A fixed pseudo-random normalised image: proposal counts of two-stage detectors (and so
+    their RoI-head FLOPs) depend on the input; a constant image gives too few proposals."""
+    return torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+
+
+DETECTOR_PARTS = ('backbone', 'neck', 'heads')
+
+
+def detector_report(config: str, height: int, width: int, attn_backend: str = 'module',
+                    convention: str = 'macs', cfg_options: Optional[dict] = None) -> Dict[str, Any]:
+    """Params and FLOPs of a detector config at ``height x width`` (random weights), by part:
+    backbone, neck and heads (everything else: RPN/RoI/box heads, a DETR's transformer).
+    ``cfg_options``: as ``--cfg-options`` of mmdet's tools."""
+    det = build_detector_from_config(config, attn_backend=attn_backend, cfg_options=cfg_options)
+    an = analyze(_DetectorTensors(det), (detector_input(height, width),), convention)
     parts = {}
-    for name in ('backbone', 'neck', 'bbox_head'):
-        if hasattr(det, name):
+    for name in ('backbone', 'neck'):
+        if getattr(det, name, None) is not None:
             parts[name] = dict(params=count_params(getattr(det, name)),
                                macs=int(an['by_module'].get(f'det.{name}', 0)))
+    parts['heads'] = dict(params=count_params(det) - sum(p['params'] for p in parts.values()),
+                          macs=an['total'] - sum(p['macs'] for p in parts.values()))
     return dict(config=resolve_detector_config(config), name=config, height=height, width=width,
-                params=count_params(det), macs=an['total'], parts=parts,
-                macs_by_operator=an['by_operator'])
+                attn_backend=attn_backend, convention=convention, params=count_params(det),
+                macs=an['total'], parts=parts, macs_by_operator=an['by_operator'])
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,11 +319,12 @@ def render(payload: Dict[str, Any]) -> str:
         p = d['parts']
         drows.append((d['name'], f"{d['height']}x{d['width']}", _m(d['params']), _g(d['macs']),
                        *(f"{_g(p[k]['macs'])} / {_m(p[k]['params'])}" if k in p else '-'
-                         for k in ('backbone', 'neck', 'bbox_head'))))
+                         for k in DETECTOR_PARTS)))
     if drows:
-        out.append('Detectors (tensor forward: backbone + neck + head, no post-processing):')
-        out.append(format_table(['detector', 'input HxW', 'params', 'MACs', 'backbone MACs / params',
-                                 'neck', 'head'], drows))
+        unit = 'MACs' if payload.get('convention', 'macs') == 'macs' else 'FLOPs (mmengine)'
+        out.append('Detectors (tensor forward: backbone + neck + heads, no post-processing):')
+        out.append(format_table(['detector', 'input HxW', 'params', unit,
+                                 f'backbone {unit} / params', 'neck', 'heads'], drows))
     return '\n'.join(out)
 
 
@@ -291,6 +342,15 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument('--detector', nargs='+', default=None,
                         help='detector configs, or m0..m5 (our RetinaNet configs) / r50 (mmdet '
                              'RetinaNet-R50); default with no --arch: m4 r50')
+    parser.add_argument('--attn-backend', default='module',
+                        help='attention backend of the detectors (the count is the same for '
+                             'every backend; default module)')
+    parser.add_argument('--convention', choices=CONVENTIONS, default='macs',
+                        help='detectors: multiply-adds only (macs, default) or mmengine\'s '
+                             'default counting, as mmdet\'s get_flops.py (mmengine)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
+                        help='override settings of every --detector config, as in mmdet\'s '
+                             'tools, e.g. model.test_cfg.rpn.max_per_img=100')
     parser.add_argument('--json', metavar='FILE', default=None)
     return parser
 
@@ -320,12 +380,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     dshape = _shape(args.shape, (800, 1344))
     payload: Dict[str, Any] = dict(
         benchmark='flops', unit='MACs (multiply-accumulates) of conv, linear and matmul; BN and '
-                                'element-wise ops not counted', backbones=[], detectors=[])
+                                'element-wise ops not counted', backbones=[], detectors=[],
+        convention=args.convention)
+    if args.convention == 'mmengine':
+        payload['detector_unit'] = ("mmengine's default FlopAnalyzer count (MACs plus norms, "
+                                    'pooling and upsampling), as mmdet get_flops.py')
     for arch in archs:
         for h, w in bshapes:
             payload['backbones'].append(backbone_report(arch, h, w))
     for det in detectors:
-        payload['detectors'].append(detector_report(det, *dshape))
+        payload['detectors'].append(detector_report(det, *dshape, attn_backend=args.attn_backend,
+                                                    convention=args.convention,
+                                                    cfg_options=args.cfg_options))
     for d in payload['detectors']:
         d.pop('by_module', None)
     return report(payload, args, torch.device('cpu'), render)

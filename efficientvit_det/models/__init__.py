@@ -1,3 +1,5 @@
+# registers the fused attention op's FLOP handles with mmengine's complexity analysis
+from . import complexity  # noqa: F401
 from .backbones import EfficientViT
 from .necks import EfficientViTFPN
 from .tta import DetTTAModelWithMasks
