@@ -30,7 +30,6 @@ import os
 import os.path as osp
 import subprocess
 import sys
-import warnings
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -384,8 +383,8 @@ def collect_images(inputs: Sequence[str]) -> List[str]:
             raise FileNotFoundError(f'input not found: {item}')
     names = [osp.basename(f) for f in files]
     if len(set(names)) != len(names):
-        warnings.warn('several inputs share a file name; their drawings overwrite each other',
-                      stacklevel=2)
+        print('warning: several inputs share a file name; their drawings overwrite each other',
+              file=sys.stderr, flush=True)
     return files
 
 

@@ -85,8 +85,10 @@ class EvalProgressHook(Hook):
         self.progress = Progress(total, 'images', self.label, self.interval, self.stream)
 
     def after_test_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        if self.progress is not None:
-            self.progress.update(len(outputs) if outputs is not None else 1)
+        if self.progress is not None:  # rank 0 counts for every rank (they share the set)
+            n = len(outputs) if outputs is not None else 1
+            self.progress.update(min(n * runner.world_size,
+                                     self.progress.total - self.progress.count))
 
     def after_test_epoch(self, runner, metrics: Optional[Mapping[str, Any]] = None) -> None:
         if self.progress is not None:
