@@ -1,9 +1,11 @@
 """2-process DDP training on CPU (gloo, chosen automatically) through tools/dist_train.sh:
-both ranks run, gradients are averaged, and both end with identical weights."""
+both ranks run, gradients are averaged, and both end with identical weights; a detector whose
+backbone stops before its last stage trains without find_unused_parameters."""
 import os
 import os.path as osp
 import re
 import sys
+import textwrap
 
 import torch
 
@@ -109,3 +111,78 @@ def test_dist_scripts_usage():
     text = open(osp.join(TOOLS, 'dist_train.sh')).read()
     for var in ('NNODES', 'NODE_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'GPUS'):
         assert var in text
+
+
+UNUSED_HOOK = '''
+import torch.distributed as dist
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+
+
+@HOOKS.register_module()
+class RecordDDPHook(Hook):
+    """Writes what the DDP wrapper was built with, and how many iterations ran."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def after_train(self, runner):
+        if dist.get_rank() == 0:
+            with open(self.out, 'w') as f:
+                f.write(f"{type(runner.model).__name__} {runner.model.find_unused_parameters} "
+                        f"{runner.iter} {len(runner.model.module.backbone.stages)}")
+'''
+
+
+def test_ddp_detector_up_to_stride_32_needs_no_find_unused_parameters(tmp_path):
+    """The trap of issue 20: a backbone asked for levels up to stride 32 used to compute (and
+    hold) the stride-64 stage, whose parameters get no gradient, so DDP stopped at the second
+    iteration ("Expected to have finished reduction in the prior iteration ...") unless
+    find_unused_parameters=True. FCOS (configs/fcos_efficientvit_m4_coco.py, shrunk: m0,
+    64 px, 64-wide neck and head) with out_indices=(2, 3), 2 ranks x 2 iterations, mmengine's
+    default DDP wrapper (find_unused_parameters=False)."""
+    data = make_dataset(tmp_path / 'data', num_train=8, num_val=2, size=64, seed=4)
+    (tmp_path / 'record_ddp_hook.py').write_text(UNUSED_HOOK)
+    record = tmp_path / 'ddp.txt'
+    root = data.rstrip('/') + '/'
+    classes = ('circle', 'square', 'triangle', 'star', 'ring', 'cross')
+    cfg = tmp_path / 'fcos_s32.py'
+    cfg.write_text(textwrap.dedent(f'''
+        _base_ = [{osp.join(ROOT, 'configs', 'fcos_efficientvit_m4_coco.py')!r}]
+        custom_imports = dict(imports=['efficientvit_det', 'record_ddp_hook'],
+                              allow_failed_imports=False)
+        custom_hooks = [dict(type='RecordDDPHook', out={str(record)!r})]
+        model = dict(
+            backbone=dict(arch='m0', out_indices=(2, 3), init_cfg=None),
+            neck=dict(in_channels=[64, 128], out_channels=64),
+            bbox_head=dict(num_classes=6, in_channels=64, feat_channels=64, stacked_convs=1))
+        train_pipeline = [
+            dict(type='LoadImageFromFile'),
+            dict(type='LoadAnnotations', with_bbox=True),
+            dict(type='Resize', scale=(64, 64), keep_ratio=True),
+            dict(type='PackDetInputs')
+        ]
+        train_dataloader = dict(
+            batch_size=2, num_workers=0, persistent_workers=False,
+            dataset=dict(data_root={root!r}, metainfo=dict(classes={classes!r}),
+                         ann_file='annotations/instances_train.json',
+                         data_prefix=dict(img='train/'), pipeline=train_pipeline))
+        train_cfg = dict(max_epochs=2, val_interval=2)
+        param_scheduler = []
+        default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=2))
+        val_cfg = None
+        val_dataloader = None
+        val_evaluator = None
+        '''))
+    assert 'find_unused_parameters' not in cfg.read_text()
+    env = {'GPUS': '2', 'MASTER_PORT': str(free_port()),
+           'PYTHONPATH': f'{tmp_path}{os.pathsep}{ROOT}'}
+    r = run(['bash', osp.join(TOOLS, 'dist_train.sh'), cfg, '--work-dir', tmp_path / 'work',
+             '--verbose'], env=env, timeout=400)
+    text = r.stdout + r.stderr
+    assert 'Epoch(train) [2][2/2]' in text, text[-3000:]
+    # 8 images / (2 ranks x batch 2) = 2 iterations per epoch; stage 3 was never built
+    assert record.read_text() == 'MMDistributedDataParallel False 4 2'
+    from _workflow_common import load_ckpt
+    ck = load_ckpt(str(tmp_path / 'work' / 'epoch_2.pth'))['state_dict']
+    assert not any(k.startswith('backbone.stages.2.') for k in ck)
