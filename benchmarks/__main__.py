@@ -6,7 +6,7 @@
     python -m benchmarks detector   [...]   # RetinaNet end-to-end per image vs R50
     python -m benchmarks train-step [...]   # training step time and peak memory
     python -m benchmarks flops      [...]   # params and FLOPs (MACs), no dataset
-    python -m benchmarks onnx       [...]   # onnxruntime vs PyTorch latency (CPU)
+    python -m benchmarks engines    [...]   # CPU engines: PyTorch, onnxruntime, OpenVINO; fp32, int8
 
 ``python -m benchmarks SUBCOMMAND -h`` lists each one's options. Every timing
 sub-command warms up (a full pass of the largest case first, for the allocator), times the
@@ -23,7 +23,7 @@ COMMANDS = {
     'detector': ('benchmarks.detector', 'main_inference'),
     'train-step': ('benchmarks.detector', 'main_train'),
     'flops': ('benchmarks.flops', 'main'),
-    'onnx': ('benchmarks.onnx_latency', 'main'),
+    'engines': ('benchmarks.engines', 'main'),
 }
 
 

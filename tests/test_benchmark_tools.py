@@ -46,7 +46,7 @@ def test_dispatcher():
     cmd = [sys.executable, '-m', 'benchmarks']  # from the repository root, as documented
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2
-    for name in ('attention', 'backbone', 'detector', 'train-step', 'flops', 'onnx'):
+    for name in ('attention', 'backbone', 'detector', 'train-step', 'flops', 'engines'):
         assert name in out.stdout
     bad = subprocess.run([*cmd, 'nope'], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and 'unknown sub-command' in bad.stderr
@@ -95,7 +95,7 @@ def test_detector_end_to_end_and_parts(tmp_path):
 
 def test_train_step_time_and_memory(tmp_path):
     out = tmp_path / 'train.json'
-    detector.main_train(['--models', 'm4', 'm4+ref', '--batch', '1', '--shape', '64', '64',
+    detector.main_train(['--models', 'm4', 'm4+module', '--batch', '1', '--shape', '64', '64',
                          '--memory-steps', '1', '--json', str(out), *TINY])
     d = load(out)
     assert d['benchmark'] == 'train-step' and d['all_losses_finite']
@@ -124,7 +124,7 @@ def test_flops_match_paper_and_hand_count(tmp_path):
     det = bb['detection_backbone']
     assert det['macs'] == det['macs_hand'] and det['macs'] > cls['macs']  # padded windows
     (dd,) = d['detectors']
-    assert set(dd['parts']) == {'backbone', 'neck', 'bbox_head'}
+    assert set(dd['parts']) == {'backbone', 'neck', 'heads'}
     assert dd['parts']['backbone']['macs'] == det['macs']
     assert dd['macs'] == sum(p['macs'] for p in dd['parts'].values())
 

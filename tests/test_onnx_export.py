@@ -361,15 +361,3 @@ def test_cli_export_backbone_only_random_weights(tmp_path):
     proc = _run(['tools/export_onnx.py', cfg_file, str(tmp_path / 'missing.pth'), '--out', out])
     assert proc.returncode == 2 and 'not found' in proc.stderr
 
-
-def test_latency_benchmark_smoke(tmp_path, capsys):
-    from benchmarks import onnx_latency
-    cfg_file = str(tmp_path / 'cfg.py')
-    make_cfg().dump(cfg_file)
-    out = str(tmp_path / 'lat.json')
-    assert onnx_latency.main(['--config', cfg_file, '--shape', '64', '96', '--parts', 'backbone',
-                              '--repeats', '1', '--warmup', '0', '--json', out, '--quiet']) == 0
-    assert 'onnxruntime' in capsys.readouterr().out
-    res = json.load(open(out))['results']['backbone']
-    assert set(res['stats']) == {'torch (fused op)', 'torch (reference)', 'onnxruntime'}
-    assert res['output_shapes'] == [[1, 64, 4, 6], [1, 128, 2, 3], [1, 192, 1, 2]]

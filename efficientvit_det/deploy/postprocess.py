@@ -142,23 +142,20 @@ def class_names(cfg, metadata: Mapping[str, Any]) -> List[str]:
 
 
 def onnx_detect(cfg, onnx_file: str, images: Sequence[str], score_thr: float = 0.3,
-                batch_size: int = 1, threads: Optional[int] = None) -> List[dict]:
-    """Detections of an exported detector graph run by onnxruntime, post-processed by mmdet's
-    head code; one :func:`detections_entry` per image."""
-    from .onnx_export import make_session, read_metadata, run_session
+                batch_size: int = 1, threads: Optional[int] = None,
+                engine: str = 'ort') -> List[dict]:
+    """Detections of an exported detector graph (raw-head or end-to-end, float or int8) run by
+    ``engine`` (``ort`` | ``openvino``: :class:`efficientvit_det.deploy.runtime.GraphDetector`);
+    one :func:`detections_entry` per image. An end-to-end graph runs one image at a time."""
+    from .runtime import GraphDetector
 
-    metadata = read_metadata(onnx_file)
-    if metadata.get('mode', 'detector') != 'detector':
-        raise ValueError(f'{onnx_file} is a {metadata["mode"]} export; export the detector '
-                         '(without --backbone-only)')
-    session = make_session(onnx_file, threads)
-    head = build_bbox_head(cfg)
-    names = class_names(cfg, metadata)
+    detector = GraphDetector(cfg, onnx_file, engine, threads)
+    names = class_names(cfg, detector.metadata)
     entries = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         inputs, samples = preprocess_images(cfg, chunk)
-        results = postprocess(run_session(session, inputs), [s.metainfo for s in samples], head)
+        results = detector.predict(inputs, samples)
         for path, sample, res in zip(chunk, samples, results):
             h, w = sample.metainfo['ori_shape'][:2]
             entries.append(detections_entry(path, w, h, res.bboxes.tolist(), res.scores.tolist(),
