@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from efficientvit_det.models.backbones.efficientvit import fold_bn
@@ -108,23 +107,13 @@ def _fold_conv_norm(conv_norm: nn.Module):
 
 
 def fold_timm_attention(module: nn.Module) -> Dict[str, Tensor]:
-    """The fused op's weight arguments from a timm ``LocalWindowAttention`` (BN folded)."""
+    """The fused op's weight arguments from a timm ``LocalWindowAttention`` (BN folded), packed
+    by the op's own :func:`efficientvit_det.ops.pack_cga_weights`."""
+    from efficientvit_det.ops import pack_cga_weights
     attn = module.attn
-    kmax = max(dw.conv.kernel_size[0] for dw in attn.dws)
-    qkv_w, qkv_b, dw_w, dw_b = [], [], [], []
-    for qkv, dw in zip(attn.qkvs, attn.dws):
-        w, b = _fold_conv_norm(qkv)
-        qkv_w.append(w[:, :, 0, 0])
-        qkv_b.append(b)
-        w, b = _fold_conv_norm(dw)
-        pad = (kmax - w.shape[-1]) // 2  # smaller kernels embedded at the centre
-        dw_w.append(F.pad(w[:, 0], (pad, pad, pad, pad)))
-        dw_b.append(b)
-    proj_w, proj_b = _fold_conv_norm(attn.proj[1])
-    return dict(qkv_weight=torch.stack(qkv_w), qkv_bias=torch.stack(qkv_b),
-                dw_weight=torch.stack(dw_w), dw_bias=torch.stack(dw_b),
-                attn_bias=attn.attention_biases, proj_weight=proj_w[:, :, 0, 0],
-                proj_bias=proj_b)
+    return pack_cga_weights([_fold_conv_norm(m) for m in attn.qkvs],
+                            [_fold_conv_norm(m) for m in attn.dws], attn.attention_biases,
+                            _fold_conv_norm(attn.proj[1]))
 
 
 def saved_tensor_bytes(call: Callable[[], Any], exclude: Sequence[Tensor] = ()) -> int:

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -49,6 +48,8 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 from .cga_reference import check_cga_args
+from .guard import InputTooLargeError
+from .windows import relative_position_index, window_grid, window_reverse
 
 __all__ = ['forward', 'backward', 'kernel_specs', 'KernelSpec', 'fp32_dot_precision',
            'compile_spec', 'stage_problems', 'unique_specs', 'SUPPORTED_DTYPES']
@@ -385,8 +386,8 @@ class KernelSpec:
                 if got != ty:
                     raise TypeError(f'{self.name}: {name} is {got}, the kernel takes {ty}')
             elif ty == 'i32' and not (isinstance(arg, int) and -2 ** 31 <= arg < 2 ** 31):
-                raise ValueError(f'{self.name}: {name}={arg!r} does not fit the kernel\'s int32 '
-                                 f'(input too large: split the batch)')
+                raise InputTooLargeError(f'{self.name}: {name}={arg!r} does not fit the kernel\'s '
+                                         f'int32 (input too large: split the batch)')
 
     def launch(self, grid: Tuple[int, ...], **args) -> None:
         self.check_args(args)
@@ -541,11 +542,10 @@ def _dense_bias(attn_bias: Tensor, ws: int, BN: int) -> Tensor:
     key = (ws, BN, str(attn_bias.device))
     idx = _PAIR_INDEX.get(key)
     if idx is None:  # (BN, BN) index into the table extended by [0, -inf]
-        n = torch.arange(BN)
-        r, s = n // ws, n % ws
-        idx = (r[:, None] - r[None, :]).abs() * ws + (s[:, None] - s[None, :]).abs()
-        idx = torch.where(n[None, :] >= ws * ws, ws * ws + 1,
-                          torch.where(n[:, None] >= ws * ws, ws * ws, idx))
+        N = ws * ws
+        idx = torch.full((BN, BN), N + 1, dtype=torch.long)  # padding keys: -inf
+        idx[N:, :N] = N  # padding queries: 0 (their rows stay finite)
+        idx[:N, :N] = relative_position_index(ws)
         idx = _PAIR_INDEX[key] = idx.to(attn_bias.device)
     table = torch.cat([attn_bias.float(), attn_bias.new_tensor([0., float('-inf')],
                                                                dtype=torch.float32)
@@ -608,10 +608,7 @@ class _Problem:
 
     def windows_of(self, x: Tensor) -> Tensor:
         """An NCHW map ``(B, c, H, W)`` zero-padded and viewed as ``(c, B, nh, nw, ws, ws)``."""
-        B, c, H, W = x.shape
-        ws = self.ws
-        x = F.pad(x, (0, self.nw * ws - W, 0, self.nh * ws - H))
-        return x.view(B, c, self.nh, ws, self.nw, ws).permute(1, 0, 2, 4, 3, 5)
+        return window_grid(x, self.ws)[0].permute(1, 0, 2, 4, 3, 5)
 
     def launch(self, name: str, **args) -> None:
         """One launch per ``max_programs`` windows (program = window ``win0 + id``)."""
@@ -649,7 +646,7 @@ def _prepare(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attn_bias, proj_weight
         dwb[:, :kd] = dw_bias
     n_win = x.shape[0] * math.ceil(H / ws) * math.ceil(W / ws)
     if max(C * H * W, (2 * BKD + vdp) * n_win * BN) >= 2 ** 31:  # int32 offsets in the kernels
-        raise ValueError(f'input {tuple(x.shape)} too large for the Triton kernels\' 32-bit '
+        raise InputTooLargeError(f'input {tuple(x.shape)} too large for the Triton kernels\' 32-bit '
                          f'offsets: split the batch')
     return _Problem(x=x.contiguous(), wt=wt, bias=bias, dwt=dwt, dwb=dwb,
                     abd=_dense_bias(attn_bias, ws, BN), pw=proj_weight.to(dt).contiguous(),
@@ -702,7 +699,9 @@ def _forward(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attn_bias, proj_weight
                   proj_bias, key_dim, window_size, scale)
     a, _, _ = _attention(pr, keep=False)
     B, C, H, W = x.shape
-    y = torch.baddbmm(pr.pb.view(1, C, 1), pr.pw.expand(B, -1, -1), a.view(B, -1, H * W))
+    # explicit sizes: a view with -1 is ambiguous for a batch of 0
+    y = torch.baddbmm(pr.pb.view(1, C, 1), pr.pw.expand(B, -1, -1),
+                      a.view(B, pr.heads * pr.vd, H * W))
     return y.view(B, C, H, W)
 
 
@@ -732,12 +731,12 @@ def _backward(grad_y: Tensor, inputs: Tuple[Tensor, ...], key_dim: int, window_s
     a, inp, qkv = _attention(pr, keep=True)
     B, C, H, W = x.shape
     dt, dev, f32 = x.dtype, x.device, torch.float32
+    BN, BKD, heads, K = pr.BN, pr.BKD, pr.heads, pr.K
     gy = grad_y.to(dt).contiguous().view(B, C, H * W)
     # projection (cuBLAS): gA = Wp^T gy, gWp = sum_b gy A^T, gbp = sum gy
     ga = torch.matmul(pr.pw.t(), gy)
-    g_pw = torch.matmul(gy, a.view(B, -1, H * W).transpose(1, 2)).sum(0, dtype=f32)
+    g_pw = torch.matmul(gy, a.view(B, heads * pr.vd, H * W).transpose(1, 2)).sum(0, dtype=f32)
     g_pb = gy.sum((0, 2), dtype=f32)
-    BN, BKD, heads, K = pr.BN, pr.BKD, pr.heads, pr.K
     nprog = _max_programs(dev)
     gqkv = torch.empty_like(qkv)
     pdw = torch.empty(pr.n_win, heads, K * K, BKD, device=dev, dtype=f32)
@@ -747,7 +746,8 @@ def _backward(grad_y: Tensor, inputs: Tuple[Tensor, ...], key_dim: int, window_s
                for name, size in (('sq_ptr', 2 * BN * BKD), ('sg_ptr', BN * BKD),
                                   ('ss_ptr', BN * BN))}
     scratch['sgo_ptr'] = torch.empty(nprog, BN * pr.vdp, device=dev, dtype=dt)
-    gx = torch.empty(B, C, pr.nh * pr.ws, pr.nw * pr.ws, device=dev, dtype=dt)
+    # x's gradient as windows (B, nh, nw, C, ws, ws), reversed and cropped by ops/windows.py
+    gxw = torch.empty(B, pr.nh, pr.nw, C, pr.ws, pr.ws, device=dev, dtype=dt)
     g_inp = inp[0]  # read only when has_next
     for h in reversed(range(heads)):
         pr.launch('backward', qkv_ptr=qkv[h], ga_ptr=ga, gin_ptr=g_inp, gqkv_ptr=gqkv[h],
@@ -755,12 +755,12 @@ def _backward(grad_y: Tensor, inputs: Tuple[Tensor, ...], key_dim: int, window_s
                   pdwb_ptr=pdwb, pab_ptr=pab, h=h, heads=heads, has_next=int(h + 1 < heads),
                   **pr.sizes(), vd=pr.vd, vdp=pr.vdp, K=K, ws=pr.ws, scale=pr.scale)
         g_inp = torch.matmul(pr.wt[h], gqkv[h])  # 1x1 qkv conv backward (cuBLAS)
-        chunk = gx[:, h * pr.cin:(h + 1) * pr.cin]
-        chunk.view(B, pr.cin, pr.nh, pr.ws, pr.nw, pr.ws).copy_(
-            pr.tiles(g_inp[:pr.cin]).permute(1, 0, 2, 4, 3, 5))
+        gxw[:, :, :, h * pr.cin:(h + 1) * pr.cin].copy_(
+            pr.tiles(g_inp[:pr.cin]).permute(1, 2, 3, 0, 4, 5))
+    gx = window_reverse(gxw.view(pr.n_win, C, pr.ws, pr.ws), (pr.nh, pr.nw), (H, W))
     kd, vd, N = pr.kd, pr.vd, pr.ws * pr.ws
     g_w = _unpack_qkv(torch.bmm(gqkv, inp.transpose(1, 2)), kd, vd, BKD)[:, :, :pr.cin]
     g_b = _unpack_qkv(gqkv.sum(2, dtype=f32), kd, vd, BKD)
     g_dw = pdw.sum(0)[:, :, :kd].reshape(heads, K, K, kd).permute(0, 3, 1, 2)
-    return (gx[:, :, :H, :W], g_w, g_b, g_dw, pdwb.sum(0)[:, :kd], pab.sum(0)[:, :N], g_pw,
+    return (gx, g_w, g_b, g_dw, pdwb.sum(0)[:, :kd], pab.sum(0)[:, :N], g_pw,
             g_pb)

@@ -2,7 +2,7 @@
 
 The original detection code zero-pads every map bottom/right to a multiple of the window
 (also maps smaller than one window), attends each window independently and crops the result;
-padded tokens are not masked (docs/design.md, "Windows").
+padded tokens are not masked (docs/facts.md, "Windows").
 """
 from __future__ import annotations
 
@@ -12,20 +12,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ['window_partition', 'window_reverse', 'relative_position_index']
+__all__ = ['window_grid', 'window_partition', 'window_reverse', 'relative_position_index']
 
 
-def window_partition(x: Tensor, window_size: int) -> Tuple[Tensor, Tuple[int, int]]:
-    """Zero-pad NCHW bottom/right to multiples of the window; return the windows as
-    ``(B * nh * nw, C, ws, ws)`` (image-major, row-major) and the grid ``(nh, nw)``."""
+def window_grid(x: Tensor, window_size: int) -> Tuple[Tensor, Tuple[int, int]]:
+    """Zero-pad NCHW bottom/right to multiples of the window; return it viewed as
+    ``(B, C, nh, ws, nw, ws)`` and the grid ``(nh, nw)``."""
     b, c, h, w = x.shape
     ws = window_size
     pad_b, pad_r = (-h) % ws, (-w) % ws
     # unconditional pad and crop: a traced graph (ONNX export) must not bake in "no padding"
     x = F.pad(x, (0, pad_r, 0, pad_b))
     nh, nw = (h + pad_b) // ws, (w + pad_r) // ws
-    x = x.view(b, c, nh, ws, nw, ws).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b * nh * nw, c, ws, ws), (nh, nw)
+    return x.view(b, c, nh, ws, nw, ws), (nh, nw)
+
+
+def window_partition(x: Tensor, window_size: int) -> Tuple[Tensor, Tuple[int, int]]:
+    """Zero-pad NCHW bottom/right to multiples of the window; return the windows as
+    ``(B * nh * nw, C, ws, ws)`` (image-major, row-major) and the grid ``(nh, nw)``."""
+    grid, (nh, nw) = window_grid(x, window_size)
+    b, c = x.shape[:2]
+    return grid.permute(0, 2, 4, 1, 3, 5).reshape(b * nh * nw, c, window_size, window_size), \
+        (nh, nw)
 
 
 def window_reverse(windows: Tensor, grid: Tuple[int, int], size: Tuple[int, int]) -> Tensor:
