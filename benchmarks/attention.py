@@ -36,9 +36,8 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 
 from benchmarks import common
-from benchmarks.common import M4_HEADS, M4_KERNELS, M4_STAGES
-from efficientvit_det.ops import cascaded_group_attention
-from efficientvit_det.ops.cga import resolve_backend
+from benchmarks.common import M4_HEADS, M4_KERNELS
+from efficientvit_det.ops import cascaded_group_attention, resolve_backend
 from efficientvit_det.ops.cga_reference import cga_reference
 from efficientvit_det.testing import fold_timm_attention, saved_tensor_bytes, timm_window_attention
 
@@ -69,7 +68,7 @@ class _Setup:
     """Inputs, weights and callables of one stage shape."""
 
     def __init__(self, C, H, W, batch, device, seed, compile_ref: bool,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, fused_backend: str = 'auto'):
         self.C, self.H, self.W, self.B = C, H, W, batch
         self.device = device
         self.mod = timm_window_attention(C, HEADS, KERNELS, KEY_DIM, WS, seed=seed)
@@ -80,7 +79,7 @@ class _Setup:
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(batch, C, H, W, generator=g).to(device, dtype)
         self.gy = torch.randn(batch, C, H, W, generator=g).to(device, dtype)
-        self.fused_backend = resolve_backend('auto', self.x)
+        self.fused_backend = resolve_backend(fused_backend, self.x)
         self.compiled = torch.compile(cga_reference, dynamic=False) if compile_ref else None
 
     def _timm(self, train: bool):
@@ -210,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help='comma list of fp32,fp16,bf16 (default: fp32 on CPU, all on CUDA)')
     p.add_argument('--stages', default='stage1,stage2,stage3',
                    help='comma list of stage1,stage2,stage3 (default: %(default)s)')
+    p.add_argument('--image', nargs=2, type=int, default=(800, 1344), metavar=('H', 'W'),
+                   help='input image size the stage shapes are derived from (default: 800 1344)')
+    p.add_argument('--fused-backend', default='auto', choices=('auto', 'cpu', 'triton'),
+                   help="the op backend of the 'fused' case (default: the device's; triton on "
+                        'CPU tensors needs TRITON_INTERPRET=1: a smoke test of the benchmark)')
     p.add_argument('--cases', default=','.join(CASES),
                    help=f'comma list of {",".join(CASES)} (default: all)')
     p.add_argument('--no-compile', action='store_true', help='skip torch.compile(reference)')
@@ -230,7 +234,7 @@ def _parse_lists(args: argparse.Namespace, device: torch.device):
         cases.remove('compiled')
     if set(cases) - set(CASES):
         raise SystemExit(f'unknown cases: {sorted(set(cases) - set(CASES))}')
-    stages = [s for s in M4_STAGES if s[0] in args.stages.split(',')]
+    stages = [s for s in common.stage_shapes('m4', *args.image) if s[0] in args.stages.split(',')]
     if not stages:
         raise SystemExit('no stage selected')
     return batches, names, cases, stages
@@ -281,7 +285,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     batches, dtype_names, cases, stages = _parse_lists(args, device)
     progress = common.Progress(enabled=not args.quiet)
     modes = ['fwd'] + ([] if args.no_backward else ['fwd+bwd'])
-    big = _Setup(*stages[0][1:], max(batches), device, args.seed, False)
+    big = _Setup(*stages[0][1:], max(batches), device, args.seed, False,
+                 fused_backend=args.fused_backend)
 
     def allocator_warmup():  # a large pass: the biggest map through the reference, fwd+bwd
         for c in ('reference', 'timm'):
@@ -301,7 +306,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     for i, (name, C, H, W) in enumerate(stages):
         for dname in dtype_names:
             for b in batches:
-                st = _Setup(C, H, W, b, device, args.seed + i, 'compiled' in cases, DTYPES[dname])
+                st = _Setup(C, H, W, b, device, args.seed + i, 'compiled' in cases, DTYPES[dname],
+                            args.fused_backend)
                 label = f'{name} C={C} {H}x{W} B={b} {dname}'
                 entry = _measure(st, cases, modes, args, device, progress, label)
                 results['stages'][f'{name}/{dname}/B{b}'] = dict(entry, stage=name, dtype=dname)

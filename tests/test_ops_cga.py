@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import cga_inputs
 
-from efficientvit_det.ops import available_backends, cascaded_group_attention
+from efficientvit_det.ops import available_backends, cascaded_group_attention, dispatch, guard
 from efficientvit_det.ops import cga as cga_mod
 from efficientvit_det.ops.cga_reference import cga_reference
 from efficientvit_det.testing import saved_tensor_bytes
@@ -40,7 +40,7 @@ def grads_of(fn, inputs, gy):
     return y.detach(), [t.grad for t in leaves]
 
 
-# (C, heads, kernels) of every stage of m0..m5 (docs/design.md), deduplicated
+# (C, heads, kernels) of every stage of m0..m5 (docs/facts.md), deduplicated
 STAGES = {
     'm0': [(64, 4, (5, 5, 5, 5)), (128, 4, (5, 5, 5, 5)), (192, 4, (5, 5, 5, 5))],
     'm1': [(128, 2, (7, 5)), (144, 3, (7, 5, 3)), (192, 3, (7, 5, 3))],
@@ -187,7 +187,7 @@ def test_cpu_forward_backward_all_stage_shapes(C, heads, kernels):
 ])
 def test_cpu_every_isa_fp32_and_fp64(cpu_isa, cfg):
     B, C, H, W, heads, kernels, kd, ws = cfg
-    ext = cga_mod._cpu_extension()[0]
+    ext = dispatch.cpu_extension()[0]
     for dtype, tol in ((torch.float32, 3e-5), (torch.float64, 1e-12)):
         ins = make_inputs(B, C, H, W, heads, kernels, kd, ws, dtype, seed=7)
         if heads == 1:  # val_dim 12 != cin 20
@@ -251,9 +251,9 @@ def test_auto_backend_and_listing():
 
 
 def test_auto_falls_back_to_reference_and_warns_once(monkeypatch):
-    monkeypatch.setattr(cga_mod, '_cpu_extension',
+    monkeypatch.setattr(dispatch, 'cpu_extension',
                         lambda: (None, 'ImportError: pretend it is missing'))
-    cga_mod._warn_once.cache_clear()
+    guard.reset()
     ins = make_inputs(1, 8, 3, 4, 2, (3, 3), key_dim=4)
     with pytest.warns(RuntimeWarning, match='pretend it is missing'):
         y = cascaded_group_attention(*ins, key_dim=4)

@@ -1,6 +1,7 @@
-"""The fused attention as a registered torch op: one backend vocabulary from the backbone's
-config to the op, torch.compile / torch.export see one node, an optional kernel that fails
-falls back (``auto``) or raises (explicit backends), autocast behaves as the reference.
+"""The fused attention as a registered torch op and the one decision of what runs
+(``ops/dispatch.py``): the backbone's and the op's vocabularies, one plan per forward,
+torch.compile / torch.export see one node, autocast behaves as the reference. What ``auto`` does
+when a kernel fails: tests/test_ops_guard.py.
 
 Parametrised over devices: the CUDA cases run where a GPU is present and say why they skip
 elsewhere (these machines have none)."""
@@ -13,8 +14,7 @@ import torch
 from helpers import cga_inputs
 
 from efficientvit_det.models.backbones.efficientvit import EfficientViT, LocalWindowAttention
-from efficientvit_det.ops import BACKENDS, cascaded_group_attention, cpu_extension_status
-from efficientvit_det.ops import cga as cga_mod
+from efficientvit_det.ops import ATTN_BACKENDS, BACKENDS, cascaded_group_attention, cpu_extension_status, dispatch
 from efficientvit_det.ops.cga_reference import cga_reference
 from efficientvit_det.testing import randomize_
 
@@ -97,62 +97,9 @@ def test_fake_implementation_gives_shape_and_dtype():
     with FakeTensorMode():
         ins = make_inputs(B=3, H=5, W=20)
         y = torch.ops.efficientvit_det.cga(*ins, 16, 7, 0.25, 'cpu', False)
-        grads = torch.ops.efficientvit_det.cga_backward(y, *ins, 16, 7, 0.25, 'cpu')
+        grads = torch.ops.efficientvit_det.cga_backward(y, *ins, 16, 7, 0.25, 'cpu', True)
     assert y.shape == (3, 32, 5, 20) and y.dtype == torch.float32
     assert [g.shape for g in grads] == [t.shape for t in ins]
-
-
-class _Broken:
-    """A kernel module whose forward or backward raises, as a failing compile would."""
-
-    def __init__(self, fail_forward: bool):
-        self.fail_forward = fail_forward
-
-    def forward(self, *args):
-        if self.fail_forward:
-            raise RuntimeError('pretend the kernel did not compile')
-        return cga_reference(*args[:8], *args[8:10], args[10]).detach()
-
-    def backward(self, *args):
-        raise RuntimeError('pretend the backward kernel did not compile')
-
-
-@pytest.fixture
-def broken_kernels(monkeypatch):
-    def install(fail_forward: bool):
-        monkeypatch.setattr(cga_mod, '_kernels', lambda backend: _Broken(fail_forward))
-        monkeypatch.setattr(cga_mod, '_fused_status', lambda device, dtype: ('cpu', ''))
-        monkeypatch.setattr(cga_mod, '_FAILED_CLASSES', set())
-        cga_mod._warn_once.cache_clear()
-    yield install
-    cga_mod._warn_once.cache_clear()
-
-
-def test_auto_falls_back_when_the_forward_kernel_fails(broken_kernels):
-    broken_kernels(fail_forward=True)
-    ins = make_inputs()
-    with pytest.warns(RuntimeWarning, match='did not compile.*runs the PyTorch reference'):
-        y = cascaded_group_attention(*ins, key_dim=16)
-    torch.testing.assert_close(y, cga_reference(*ins, 16, 7))
-    with warnings.catch_warnings():
-        warnings.simplefilter('error')  # remembered: no second warning, no second try
-        cascaded_group_attention(*ins, key_dim=16)
-    with pytest.raises(RuntimeError, match='did not compile'):
-        cascaded_group_attention(*ins, key_dim=16, backend='cpu')
-
-
-def test_auto_falls_back_when_the_backward_kernel_fails(broken_kernels):
-    broken_kernels(fail_forward=False)
-    ins = [t.requires_grad_(True) for t in make_inputs()]
-    y = cascaded_group_attention(*ins, key_dim=16)
-    with pytest.warns(RuntimeWarning, match='backward kernel failed'):
-        grads = torch.autograd.grad(y.sum(), ins)
-    ref = torch.autograd.grad(cga_reference(*ins, 16, 7).sum(), ins)
-    for g, r in zip(grads, ref):
-        torch.testing.assert_close(g, r)
-    y = cascaded_group_attention(*ins, key_dim=16, backend='cpu')
-    with pytest.raises(RuntimeError, match='backward kernel did not compile'):
-        y.sum().backward()
 
 
 @needs_cpu_ext
@@ -165,7 +112,74 @@ def test_autocast_input_is_cast_like_the_reference():
     assert rel_err(y, ref) < 3e-2
 
 
-def test_backbone_passes_its_backend_to_the_op_unchanged(monkeypatch):
+# ---------------------------------------------------------------------------------------------
+# the one decision point (ops/dispatch.py)
+# ---------------------------------------------------------------------------------------------
+def _x(dtype=torch.float32):
+    return torch.randn(1, 32, 9, 9, dtype=dtype)
+
+
+def test_plan_rules():
+    plan = dispatch.plan_attention
+    assert plan('module', _x(), bn_training=False).kernel == 'module'
+    assert plan('auto', _x(), bn_training=True) == dispatch.AttentionPlan(
+        'module', False, torch.float32, 'attention BatchNorms in training mode')
+    with pytest.raises(RuntimeError, match='needs the attention BatchNorms in eval mode'):
+        plan('cpu', _x(), bn_training=True)
+    assert plan('reference', _x()).kernel == 'reference'
+    auto = plan('auto', _x(), bn_training=False)
+    assert (auto.kernel, auto.fallback) == (('cpu', True) if CPU_OK else ('reference', False))
+    if CPU_OK:
+        assert plan('cpu', _x()) == dispatch.AttentionPlan('cpu', False, torch.float32)
+        assert plan('fused', _x()).kernel == 'cpu'
+        with pytest.raises(TypeError, match='float16'):
+            plan('cpu', _x(torch.float16))
+        with torch.autocast('cpu', dtype=torch.bfloat16):  # the compute dtype is autocast's
+            assert plan('auto', _x()).dtype == torch.bfloat16
+    with pytest.raises(RuntimeError, match='fused.*cannot run here'):
+        plan('fused', _x(torch.float16))
+    with pytest.raises(RuntimeError, match='triton.*CUDA'):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv('TRITON_INTERPRET', raising=False)
+            plan('triton', _x())
+    with pytest.raises(ValueError, match="'module' is the backbone's module path"):
+        plan('module', _x())  # the op has no module path
+    with pytest.raises(ValueError, match='unknown attention backend'):
+        plan('flash', _x(), bn_training=False)
+
+
+def test_plan_in_export_is_plain_ops(monkeypatch):
+    monkeypatch.setattr(torch.onnx, 'is_in_onnx_export', lambda: True)
+    assert dispatch.plan_attention('cpu', _x(), bn_training=False).kernel == 'module'
+    assert dispatch.plan_attention('auto', _x()).kernel == 'reference'
+
+
+def test_backbone_plans_once_per_forward_and_asks_export_once(monkeypatch):
+    """One decision per attention forward: the plan is made once, ONNX export asked once, and
+    the op gets the plan (it does not decide again)."""
+    model = EfficientViT('m0', attn_backend='auto').eval()
+    n_attn = sum(isinstance(m, LocalWindowAttention) for m in model.modules())
+    plans, exports, names = [], [], []
+    real_plan, real_export = dispatch.plan_attention, torch.onnx.is_in_onnx_export
+    real_check = dispatch.check_attn_backend
+
+    def spy_plan(*args, **kwargs):
+        plans.append(args[0])
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr('efficientvit_det.models.backbones.efficientvit.plan_attention', spy_plan)
+    monkeypatch.setattr(dispatch, 'plan_attention', spy_plan)
+    monkeypatch.setattr(torch.onnx, 'is_in_onnx_export', lambda: exports.append(1) or real_export())
+    monkeypatch.setattr('efficientvit_det.models.backbones.efficientvit.check_attn_backend',
+                        lambda b: names.append(b) or real_check(b))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        model(torch.randn(1, 3, 64, 64))
+    assert len(plans) == len(exports) == n_attn and set(plans) == {'auto'}
+    assert not names  # the name was checked when it was set, not per forward
+
+
+def test_backbone_passes_its_plan_to_the_op(monkeypatch):
     seen = []
 
     def spy(x, *args, backend='auto', **kwargs):
@@ -175,26 +189,39 @@ def test_backbone_passes_its_backend_to_the_op_unchanged(monkeypatch):
     monkeypatch.setattr('efficientvit_det.models.backbones.efficientvit.cascaded_group_attention',
                         spy)
     model = EfficientViT('m0', attn_backend='fused').eval()
+    if not CPU_OK:
+        with pytest.raises(RuntimeError, match='fused'):
+            model(torch.randn(1, 3, 64, 64))
+        return
     model(torch.randn(1, 3, 64, 64))
-    assert seen and set(seen) == {'fused'}
+    assert seen and {p.kernel for p in seen} == {'cpu'} and not any(p.fallback for p in seen)
     seen.clear()
-    model.set_attn_backend('cpu')(torch.randn(1, 3, 64, 64))
-    assert set(seen) == {'cpu'}
-    assert all(m.attn_backend == 'cpu' for m in model.modules()
-               if isinstance(m, LocalWindowAttention))
+    model.set_attn_backend('auto')(torch.randn(1, 3, 64, 64))
+    assert {(p.kernel, p.fallback) for p in seen} == {('cpu', True)}
     seen.clear()
-    model.set_attn_backend('reference')(torch.randn(1, 3, 64, 64))
+    model.set_attn_backend('module')(torch.randn(1, 3, 64, 64))
     assert not seen  # the original's module path
+    assert all(m.attn_backend == 'module' for m in model.modules()
+               if isinstance(m, LocalWindowAttention))
 
 
-def test_backend_vocabulary_is_validated_once_with_the_choices():
+def test_backend_vocabulary_and_the_renamed_value():
     with pytest.raises(ValueError, match=r"unknown attention backend 'flash'.*auto"):
         EfficientViT('m0', attn_backend='flash')
     with pytest.raises(ValueError, match='unknown attention backend'):
         EfficientViT('m0').set_attn_backend('flash')
     assert set(BACKENDS) == {'auto', 'fused', 'reference', 'cpu', 'triton'}
+    assert set(ATTN_BACKENDS) == {'auto', 'fused', 'module', 'cpu', 'triton'}
+    # the old config value of the module path still works, with a deprecation
+    with pytest.warns(DeprecationWarning, match="'reference' is deprecated.*'module'"):
+        model = EfficientViT('m0', attn_backend='reference')
+    assert model.attn_backend == 'module'
+    assert {m.attn_backend for m in model.modules() if isinstance(m, LocalWindowAttention)} == \
+        {'module'}
+    with pytest.warns(DeprecationWarning):
+        assert model.set_attn_backend('reference').attn_backend == 'module'
     with pytest.warns(DeprecationWarning, match='attn_backend'):
-        assert EfficientViT('m0', attn_impl='reference').attn_backend == 'reference'
+        assert EfficientViT('m0', attn_impl='module').attn_backend == 'module'
 
 
 def test_explicit_backend_needs_eval_mode_batchnorms():
@@ -208,10 +235,41 @@ def test_explicit_backend_needs_eval_mode_batchnorms():
 @pytest.mark.parametrize('device', DEVICES)
 def test_backbone_fused_equals_reference(device):
     skip_without_fused(device)
-    model = randomize_(EfficientViT('m0', attn_backend='reference')).to(device).eval()
+    model = randomize_(EfficientViT('m0', attn_backend='module')).to(device).eval()
     x = torch.randn(1, 3, 100, 150, device=device)
     with torch.no_grad():
         expected = model(x)
         got = model.set_attn_backend('fused')(x)
     for a, b in zip(got, expected):
         assert rel_err(a, b) < 1e-4
+
+
+_TORCH_ONLY = '''
+import sys
+class Block:  # what a machine without OpenMMLab looks like
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('mmdet', 'mmcv', 'mmengine'):
+            raise ModuleNotFoundError(f'No module named {name!r}', name=name.split('.')[0])
+sys.meta_path.insert(0, Block())
+import torch
+import efficientvit_det.ops as ops
+from efficientvit_det.ops import cga_reference, dispatch, guard, weights, windows  # noqa
+x = torch.randn(1, 8, 3, 3)
+assert ops.plan_attention('reference', x).kernel == 'reference'
+assert not [m for m in sys.modules if m.split('.')[0] in ('mmdet', 'mmcv', 'mmengine')]
+print('torch only ok')
+'''
+
+
+def test_ops_import_with_torch_alone():
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, '-c', _TORCH_ONLY], cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and 'torch only ok' in run.stdout, run.stdout + run.stderr
+    for path in (root / 'efficientvit_det' / 'ops').glob('*.py'):
+        text = path.read_text()
+        assert not any(f'import {m}' in text or f'from {m}' in text
+                       for m in ('mmdet', 'mmcv', 'mmengine')), path

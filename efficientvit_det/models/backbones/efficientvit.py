@@ -15,14 +15,13 @@ import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from torch import Tensor, nn
 
 from efficientvit_det.archs import LEVEL_STRIDES, LEVELS, resolve_arch
-from efficientvit_det.ops import cascaded_group_attention, check_backend
+from efficientvit_det.ops import cascaded_group_attention, check_attn_backend, pack_cga_weights, plan_attention
 from efficientvit_det.ops.windows import relative_position_index, window_partition, window_reverse
 from efficientvit_det.registry import MODELS
 
@@ -234,61 +233,48 @@ class CascadedGroupAttention(nn.Module):
 
         Built from differentiable ops, so gradients reach the conv and BN parameters.
         """
-        qkv = [conv_weight_bias(m) for m in self.qkvs]
-        kmax = max(self.kernels)
-        dw_w, dw_b = [], []
-        for m, k in zip(self.dws, self.kernels):
-            w, b = conv_weight_bias(m)
-            p = (kmax - k) // 2  # embed smaller kernels at the centre: same result
-            dw_w.append(F.pad(w[:, 0], (p, p, p, p)))
-            dw_b.append(b)
-        proj_w, proj_b = conv_weight_bias(self.proj[1])
-        return dict(
-            qkv_weight=torch.stack([w[:, :, 0, 0] for w, _ in qkv]),
-            qkv_bias=torch.stack([b for _, b in qkv]),
-            dw_weight=torch.stack(dw_w), dw_bias=torch.stack(dw_b),
-            attn_bias=self.attention_biases,
-            proj_weight=proj_w[:, :, 0, 0], proj_bias=proj_b)
+        return pack_cga_weights([conv_weight_bias(m) for m in self.qkvs],
+                                [conv_weight_bias(m) for m in self.dws], self.attention_biases,
+                                conv_weight_bias(self.proj[1]))
 
 
 class LocalWindowAttention(nn.Module):
     """Windowed cascaded group attention on a full feature map of any size.
 
     Args:
-        attn_backend: one of :data:`efficientvit_det.ops.BACKENDS`. ``reference`` runs the
-            original's module path (pad, partition, attend, reverse: plain PyTorch, the oracle).
-            The others call the fused op with this very backend on BN-folded weights, which is
-            exact only with eval-mode attention BatchNorms: while they train, ``auto`` runs the
-            module path and the explicit backends raise.
+        attn_backend: one of :data:`efficientvit_det.ops.ATTN_BACKENDS`. ``module`` runs the
+            original's module path (pad, partition, attend, reverse: plain PyTorch with the
+            unfolded Conv+BN); ``reference`` is its deprecated old name. The others call the
+            fused op with this backend on BN-folded weights, which is exact only with eval-mode
+            attention BatchNorms: while they train, ``auto`` runs the module path and the
+            explicit backends raise. :func:`efficientvit_det.ops.plan_attention` decides, once
+            per forward.
     """
 
     def __init__(self, dim: int, key_dim: int, num_heads: int, window_size: int = 7,
                  kernels: Sequence[int] = (5, 5, 5, 5), attn_backend: str = 'auto'):
         super().__init__()
-        self.attn_backend = check_backend(attn_backend)
+        self.attn_backend = attn_backend
         self.window_size = window_size
         self.attn = CascadedGroupAttention(dim, key_dim, num_heads, window_size, kernels)
+
+    @property
+    def attn_backend(self) -> str:
+        return self._attn_backend
+
+    @attn_backend.setter
+    def attn_backend(self, value: str) -> None:
+        self._attn_backend = check_attn_backend(value)  # the one check of the name
 
     def _bn_in_training(self) -> bool:
         return any(m.training for m in self.attn.modules() if isinstance(m, nn.BatchNorm2d))
 
-    def use_fused_op(self) -> bool:
-        """Whether ``forward`` runs the fused op (else the original's module path)."""
-        if self.attn_backend == 'reference' or torch.onnx.is_in_onnx_export():
-            return False
-        if self._bn_in_training():
-            if self.attn_backend != 'auto':
-                raise RuntimeError(f'attn_backend={self.attn_backend!r} needs the attention '
-                                   'BatchNorms in eval mode (norm_eval=True or model.eval()); '
-                                   "use attn_backend='auto'")
-            return False
-        return True
-
     def forward(self, x: Tensor) -> Tensor:
-        if self.use_fused_op():
+        plan = plan_attention(self.attn_backend, x, bn_training=self._bn_in_training())
+        if plan.kernel != 'module':
             return cascaded_group_attention(x, **self.attn.fused_params(), key_dim=self.attn.key_dim,
                                             window_size=self.window_size, scale=self.attn.scale,
-                                            backend=self.attn_backend)
+                                            backend=plan)
         windows, grid = window_partition(x, self.window_size)
         return window_reverse(self.attn(windows), grid, x.shape[2:])
 
@@ -384,7 +370,7 @@ class EfficientViT(BaseModule):
         frozen_stages: -1 freezes nothing; 0 the stem; k >= 1 the stem and stages 1..k.
         norm_eval: keep every BatchNorm in eval mode while training (as the original).
         with_cp: activation checkpointing per block (saves memory, costs a recompute).
-        attn_backend: the attention backend, one of :data:`efficientvit_det.ops.BACKENDS`
+        attn_backend: the attention backend, one of :data:`efficientvit_det.ops.ATTN_BACKENDS`
             (default ``auto``), see :class:`LocalWindowAttention`; change it later with
             :meth:`set_attn_backend`. ``attn_impl`` is its deprecated old name.
         init_cfg: e.g. ``dict(type='Pretrained', checkpoint=PATH)``; MSRA and timm
@@ -415,7 +401,7 @@ class EfficientViT(BaseModule):
             warnings.warn("EfficientViT(attn_impl=...) is deprecated: use attn_backend "
                           "(same values, plus 'cpu'/'triton')", DeprecationWarning, stacklevel=2)
             attn_backend = attn_impl
-        check_backend(attn_backend)
+        attn_backend = check_attn_backend(attn_backend)
         self.out_indices = out_indices
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
@@ -455,8 +441,8 @@ class EfficientViT(BaseModule):
         return tuple(levels[i] for i in self.out_indices)
 
     def set_attn_backend(self, backend: str) -> 'EfficientViT':
-        """Switch every attention block to ``backend`` (one of ``ops.BACKENDS``); returns self."""
-        self.attn_backend = check_backend(backend)
+        """Switch every attention block to ``backend`` (one of ``ops.ATTN_BACKENDS``); returns self."""
+        self.attn_backend = backend = check_attn_backend(backend)
         for m in self.modules():
             if isinstance(m, LocalWindowAttention):
                 m.attn_backend = backend
