@@ -87,9 +87,9 @@ def training_config(args: argparse.Namespace) -> Config:
     cfg.launcher = args.launcher
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
         'work_dirs', osp.splitext(osp.basename(args.config))[0])
-    if args.amp:
-        cfg.optim_wrapper.type = 'AmpOptimWrapper'
-        cfg.optim_wrapper.loss_scale = 'dynamic'
+    if args.amp:  # CUDA: float16 + loss scale; CPU: bfloat16 (efficientvit_det/engine/amp.py)
+        from efficientvit_det.engine.amp import configure_amp
+        print(configure_amp(cfg))
     if args.auto_scale_lr:
         if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
             fail('--auto-scale-lr needs auto_scale_lr.base_batch_size in the config')
