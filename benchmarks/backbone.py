@@ -7,11 +7,12 @@ Variants (``--variants``; a ``+cl`` suffix runs that variant in channels_last):
 ``timm``       timm's ``efficientvit_<arch>`` built at 448 px so every stage uses 7x7 windows,
                exactly like the original detection code (it pads/partitions any input the same
                way), eager PyTorch, our randomised weights copied in; the three stage outputs.
-``reference``  ours, ``attn_backend='reference'`` (the original's module path).
+``module``     ours, ``attn_backend='module'`` (the original's module path).
 ``fused``      ours, ``attn_backend='fused'``: the fused cascaded-group-attention op (its ``auto``
                backend: the C++ kernel on CPU when built, Triton on CUDA, else its PyTorch
                reference -- the backend used is reported).
-``deploy``     ``fused`` after ``backbone.fuse()`` (every Conv+BN folded, as for inference).
+``deploy``     ``fused`` in deploy mode (``efficientvit_det.deploy.deploy_model``: every Conv+BN
+               folded, conv+ReLU merged, as the inference form runs it).
 ``onnx``       ``deploy`` exported to ONNX (``efficientvit_det.deploy.export_onnx``, dynamic
                size) and run by onnxruntime's CPU provider on as many threads as torch uses
                (CPU only; no ``+cl``: onnxruntime picks its own layouts).
@@ -38,10 +39,11 @@ from benchmarks.common import (
     setup_from_args,
     time_interleaved,
 )
+from efficientvit_det.deploy import deploy_model
 from efficientvit_det.testing import calibrate_bn_, max_rel_err, randomize_
 
-BASE_VARIANTS = ('timm', 'reference', 'fused', 'deploy', 'onnx')
-DEFAULT_VARIANTS = ('timm', 'reference', 'fused', 'deploy', 'deploy+cl', 'onnx')
+BASE_VARIANTS = ('timm', 'module', 'fused', 'deploy', 'onnx')
+DEFAULT_VARIANTS = ('timm', 'module', 'fused', 'deploy', 'deploy+cl', 'onnx')
 DEFAULT_INPUTS = ('1x224x224', '16x224x224', '1x800x1344')
 
 
@@ -113,7 +115,7 @@ def build_variants(arch: str, variants: Sequence[str], device: torch.device, see
     """All requested variants, eval mode, sharing one set of randomised weights."""
     from efficientvit_det.models.backbones.efficientvit import EfficientViT
 
-    ref = randomize_(EfficientViT(arch, attn_backend='reference'), seed)
+    ref = randomize_(EfficientViT(arch, attn_backend='module'), seed)
     calib = torch.randn(2, 3, 448, 448, generator=torch.Generator().manual_seed(seed + 100))
     calibrate_bn_(ref, lambda: ref(calib))
     state = ref.state_dict()
@@ -129,13 +131,13 @@ def build_variants(arch: str, variants: Sequence[str], device: torch.device, see
                 raise RuntimeError(f'timm efficientvit_{arch} does not take our weights: missing '
                                    f'{missing[:5]}, unexpected {unexpected[:5]}')
             m = TimmStages(t)
-        elif base == 'reference':
+        elif base == 'module':
             m = copy.deepcopy(ref)
         else:
             m = EfficientViT(arch, attn_backend='fused')
             m.load_state_dict(state)
             if base in ('deploy', 'onnx'):
-                m.fuse()
+                deploy_model(m)
             if base == 'onnx':
                 models[spec] = OnnxRuntimeBackbone(m.eval(), torch.get_num_threads())
                 continue
@@ -168,7 +170,7 @@ def run(arch: str = 'm4', inputs: Sequence[Tuple[int, int, int]] = (), variants:
         x = torch.randn(b, 3, h, w, generator=gen).to(device)
         return x.contiguous(memory_format=torch.channels_last) if cl else x
 
-    # Warm the allocator once with the largest input through every variant (docs/design.md, "Measuring").
+    # Warm the allocator once with the largest input through every variant (docs/facts.md, "Measuring").
     largest = max(inputs, key=lambda s: s[0] * s[1] * s[2])
     xl = make_input(*largest, False)
 

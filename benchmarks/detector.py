@@ -16,7 +16,8 @@ the same call (:func:`efficientvit_det.inference.prepare_inference`):
 ``+bf16``     bf16 autocast + channels_last (``--precision bf16``), deploy mode.
 ``+auto``     the project's default (``tools/infer.py`` as it is): deploy mode and the
               precision ``auto`` picks on this machine (bf16 on CPUs with native bf16).
-``+ref``      EfficientViT with ``attn_backend='reference'`` (default: the config's, ``auto``).
+``+module``   EfficientViT with ``attn_backend='module'``, the original's module path (default:
+              the config's, ``auto``).
 ``+fused``    EfficientViT with ``attn_backend='fused'``.
 ``+cp``       activation checkpointing in the backbone (``with_cp=True``; training).
 
@@ -74,7 +75,7 @@ from efficientvit_det.cpu import cpu_info
 from efficientvit_det.inference import Precision, prepare_inference, resolve_precision
 from efficientvit_det.testing import calibrate_bn_, max_rel_err, randomize_
 
-FLAGS = ('deploy', 'bf16', 'auto', 'ref', 'fused', 'cp')
+FLAGS = ('deploy', 'bf16', 'auto', 'module', 'fused', 'cp')
 DEFAULT_MODELS = ('m4', 'm4+deploy', 'm4+auto', 'r50', 'r50+deploy', 'r50+auto')
 PARTS = ('pre', 'backbone', 'neck+head', 'post')
 
@@ -123,7 +124,7 @@ def build_model(spec: str, device: torch.device, seed: int = 0, calib_hw=(320, 4
     ``train=True``: mmdet's own initialisation (``init_weights``), train mode, no deploy.
     """
     base, flags = parse_model(spec)
-    attn = 'reference' if 'ref' in flags else 'fused' if 'fused' in flags else None
+    attn = 'module' if 'module' in flags else 'fused' if 'fused' in flags else None
     opts = {'model.backbone.with_cp': True} if 'cp' in flags else None
     if train:
         model = build_detector_from_config(base, 'cpu', attn_backend=attn, cfg_options=opts)
@@ -142,7 +143,7 @@ def build_model(spec: str, device: torch.device, seed: int = 0, calib_hw=(320, 4
             x = torch.randn(1, 3, *calib_hw, generator=torch.Generator().manual_seed(seed + 7))
             backend = model.backbone.attn_backend if _is_evit(model) else None
             if backend:  # BNs train while calibrating: the module path
-                model.backbone.set_attn_backend('reference')
+                model.backbone.set_attn_backend('module')
             calibrate_bn_(model, lambda: model._forward(x))
             if backend:
                 model.backbone.set_attn_backend(backend)

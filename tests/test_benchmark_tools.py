@@ -55,7 +55,7 @@ def test_dispatcher():
 def test_backbone_variants_equal_outputs(tmp_path):
     out = tmp_path / 'bb.json'
     backbone.main(['--arch', 'm4', '--inputs', '1x64x96', '2x72x72',
-                   '--variants', 'timm', 'reference', 'fused', 'deploy', 'deploy+cl', 'onnx',
+                   '--variants', 'timm', 'module', 'fused', 'deploy', 'deploy+cl', 'onnx',
                    '--json', str(out), *TINY])
     d = load(out)
     assert d['benchmark'] == 'backbone' and d['baseline'] == 'timm'
