@@ -213,14 +213,17 @@ def test_export_int8_writes_a_calibrated_qdq_graph(int8_cli, setup):
     q = meta['quantization']
     assert q['calibration_images'] == 4 and 'train split' in q['calibration']
     assert meta['mode'] == 'detector' and meta['classes'] == [f'c{i}' for i in range(6)]
-    assert q['quantized_nodes']['Conv'] > 20
-    # the head's last convs stay float: their weights are not dequantised int8
+    assert q['quantized_nodes']['Conv'] > 20 and q['keep_float'] == ['attention']
+    # the default float group: the attention's activation x activation MatMuls read no
+    # dequantised tensor, every conv does
     producer = {o: n for n in model.graph.node for o in n.output}
-    heads = summary['quantization']['float_nodes']['head_out']
-    assert len(heads) == 2 * LEVELS
-    for node in (n for n in model.graph.node if n.name in heads):
-        w = producer.get(node.input[1])
-        assert w is None or w.op_type != 'DequantizeLinear', node.name
+    kept = summary['quantization']['float_nodes']['attention']
+    matmuls = [n for n in model.graph.node if n.name in kept and n.op_type == 'MatMul']
+    assert len(matmuls) == 2 * 6 * 4
+    for node in matmuls:
+        assert all(producer[i].op_type != 'DequantizeLinear' for i in node.input), node.name
+    convs = [n for n in model.graph.node if n.op_type == 'Conv']
+    assert all(producer[n.input[1]].op_type == 'DequantizeLinear' for n in convs)
     assert 'int8 vs float at 1x3x128x128' in stdout and 'recall' in stdout
 
 
@@ -325,17 +328,23 @@ def test_int8_end2end_runs_in_onnxruntime_alone(setup, tmp_path):
     cfg_path, ckpt, model, val = setup
     out = tmp_path / 'e2e_int8.onnx'
     r = _run(['tools/export_onnx.py', cfg_path, ckpt, '--out', out, '--shape', 128, 128,
-              '--end2end', '--int8', '--calib', 'train', '--calib-images', 4])
+              '--end2end', '--int8', '--calib', 'train', '--calib-images', 4,
+              '--keep-float', 'attention', 'head_out'])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     meta = read_metadata(str(out))
-    assert meta['mode'] == 'end2end' and meta['quantization']
+    assert meta['mode'] == 'end2end' and meta['quantization']['keep_float'] == \
+        ['attention', 'head_out']
     proto = onnx.load(str(out))
     assert {'NonMaxSuppression', 'QuantizeLinear'} <= {n.op_type for n in proto.graph.node}
     # post-processing stays float: no decoding / top-k / NMS op reads a dequantised tensor
     producer = {o: n.op_type for n in proto.graph.node for o in n.output}
     post = [n for n in proto.graph.node
-            if n.op_type in ('NonMaxSuppression', 'TopK', 'Exp', 'Sigmoid', 'Gather')]
+            if n.op_type in ('NonMaxSuppression', 'TopK', 'Exp')]
     assert post and not any(producer.get(i) == 'DequantizeLinear' for n in post for i in n.input)
+    # --keep-float head_out: RetinaHead's last convs (5 levels x cls, reg) take float weights
+    convs = [n for n in proto.graph.node if n.op_type == 'Conv']
+    float_convs = [n for n in convs if producer.get(n.input[1]) != 'DequantizeLinear']
+    assert len(float_convs) == 2 * LEVELS, [n.name for n in float_convs]
     dets_json = tmp_path / 'dets.json'
     r = subprocess.run([PY, '-c', _STANDALONE, TOOLS, str(out), str(dets_json), *val],
                        cwd=str(tmp_path), env=dict(os.environ, OMP_NUM_THREADS='1'),
