@@ -255,9 +255,9 @@ def _export_int8(args: argparse.Namespace, model, shape, metadata) -> int:
         print(line)
     info = cpu_info()
     if not info.vnni:
-        print(f'note: this CPU has no VNNI ({info.describe()}): int8 dot products are emulated '
-              'with AVX2 here, so the int8 graph may be no faster than the float one on this '
-              'machine (docs/deploy.md)')
+        print(f'note: this CPU has no VNNI ({info.describe()}): int8 dot products run as AVX2 '
+              'emulation here; measure what int8 gains on it with python -m benchmarks engines '
+              '(docs/deploy.md)')
     print(f'accuracy on a whole split: python tools/test_onnx.py {args.config} {args.out} '
           f'--checkpoint {args.checkpoint}')
     _write_json(args.json, summary)

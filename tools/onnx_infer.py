@@ -56,6 +56,8 @@ def main(argv=None) -> int:
     from efficientvit_det.apis import collect_images, load_config
     from efficientvit_det.cpu import cpu_info
     from efficientvit_det.deploy import onnx_detect, read_metadata
+    from efficientvit_det.deploy.runtime import require_engine
+    require_engine(args.engine)
     if args.batch_size < 1:
         raise UserInputError(f'--batch-size must be >= 1, got {args.batch_size}')
     images = collect_images(args.images)

@@ -70,7 +70,8 @@ def main(argv=None) -> int:
     from efficientvit_det.apis import init_detector, load_config
     from efficientvit_det.cpu import cpu_info
     from efficientvit_det.deploy.evaluate import TorchDetector, evaluate_detectors
-    from efficientvit_det.deploy.runtime import GraphDetector
+    from efficientvit_det.deploy.runtime import GraphDetector, require_engine
+    require_engine(args.engine)
     if args.max_images is not None and args.max_images < 1:
         raise UserInputError(f'--max-images must be >= 1, got {args.max_images}')
     for g in args.graphs:
@@ -100,9 +101,10 @@ def main(argv=None) -> int:
         drop = 100 * (first.get('coco/bbox_mAP', 0.) - m.get('coco/bbox_mAP', 0.))
         if args.max_drop is not None and name != names[0] and drop > args.max_drop:
             failed.append(name)
-        rows.append([name, *(f'{100 * m[f"coco/{k}"]:.1f}' if f'coco/{k}' in m else '-'
-                             for k in KEYS),
-                     '-' if name == names[0] else f'{-drop:+.2f}',
+        # COCO gives -1 for a size class without objects: shown as '-'
+        rows.append([name, *(f'{100 * m[f"coco/{k}"]:.1f}' if m.get(f'coco/{k}', -1) >= 0
+                             else '-' for k in KEYS),
+                     '-' if name == names[0] else f'{0. - drop:+.2f}',
                      f'{1e3 * result["seconds"][name] / max(result["num_images"], 1):.1f}'])
     print(format_table(['model', *(k.replace('bbox_', '') for k in KEYS),
                         'mAP vs 1st row (points)', 'ms / image'], rows))

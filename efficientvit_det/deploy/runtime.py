@@ -22,7 +22,7 @@ import numpy as np
 from efficientvit_det.cli import UserInputError
 
 __all__ = ['ENGINES', 'GraphRunner', 'GraphDetector', 'EngineUnavailableError', 'load_graph',
-           'openvino_available', 'openvino_version']
+           'openvino_available', 'openvino_version', 'require_engine']
 
 ENGINES = ('ort', 'openvino')
 OPENVINO_HINTS = ('default', 'f32', 'bf16', 'f16')
@@ -77,11 +77,19 @@ def _ort_runner(path: str, threads: Optional[int], spinning: bool) -> GraphRunne
                        f'onnxruntime {onnxruntime.__version__} CPUExecutionProvider')
 
 
-def _openvino_runner(path: str, threads: Optional[int], hint: str) -> GraphRunner:
-    if not openvino_available():
+def require_engine(engine: str) -> None:
+    """Raise :class:`EngineUnavailableError` (one line for the tools) when ``engine`` cannot
+    run here, ``ValueError`` for an unknown name."""
+    if engine not in ENGINES:
+        raise ValueError(f'engine must be one of {", ".join(ENGINES)}, got {engine!r}')
+    if engine == 'openvino' and not openvino_available():
         raise EngineUnavailableError(
             "--engine openvino: OpenVINO is not installed (it is optional: "
             "pip install openvino); use --engine ort")
+
+
+def _openvino_runner(path: str, threads: Optional[int], hint: str) -> GraphRunner:
+    require_engine('openvino')
     if hint not in OPENVINO_HINTS:
         raise ValueError(f'OpenVINO precision hint must be one of {OPENVINO_HINTS}, got {hint!r}')
     import openvino as ov
