@@ -28,7 +28,7 @@ def timm_model(arch: str, img_size: int, seed: int = 0):
 
 
 def build_from_checkpoint(arch: str, path, **kwargs) -> EfficientViT:
-    backbone = MODELS.build(dict(type='EfficientViT', arch=arch, attn_backend='reference',
+    backbone = MODELS.build(dict(type='EfficientViT', arch=arch, attn_backend='module',
                                  init_cfg=dict(type='Pretrained', checkpoint=str(path)), **kwargs))
     backbone.init_weights()
     return backbone.eval()
@@ -92,7 +92,7 @@ def test_224_checkpoint_resizes_stage3_bias_and_pads_like_the_original(arch, tmp
 
 @pytest.mark.parametrize('shape', [(1, 1), (20, 20), (33, 17), (112, 112), (64, 250)])
 def test_any_input_size(shape):
-    model = randomize_(EfficientViT('m0', out_indices=(0, 1, 2, 3, 4), attn_backend='reference')).eval()
+    model = randomize_(EfficientViT('m0', out_indices=(0, 1, 2, 3, 4), attn_backend='module')).eval()
     x = torch.randn(2, 3, *shape)
     with torch.no_grad():
         outs = model(x)
@@ -107,7 +107,7 @@ def test_any_input_size(shape):
 
 def test_window_attention_is_per_window():
     """Changing one window's input changes no other window's output (windows are separate)."""
-    lwa = randomize_(LocalWindowAttention(64, 16, 4, 7, (7, 5, 3, 3), attn_backend='reference')).eval()
+    lwa = randomize_(LocalWindowAttention(64, 16, 4, 7, (7, 5, 3, 3), attn_backend='module')).eval()
     x = torch.randn(1, 64, 14, 20)
     y = x.clone()
     y[:, :, :7, :7] += 1.0
@@ -121,7 +121,7 @@ def test_window_attention_is_per_window():
 def test_fuse_keeps_outputs():
     # float64: a randomised net amplifies fp32 rounding chaotically (sharp softmaxes), which
     # would hide whether folding itself is exact.
-    model = randomize_(EfficientViT('m4', attn_backend='reference')).double().eval()
+    model = randomize_(EfficientViT('m4', attn_backend='module')).double().eval()
     x = torch.randn(1, 3, 200, 300, dtype=torch.float64)
     with torch.no_grad():
         before = model(x)
@@ -154,7 +154,7 @@ def test_conv_relu_equals_relu_of_conv(conv_args, channels_last):
 
 
 def test_fuse_merges_every_conv_relu_pair():
-    model = EfficientViT('m4', attn_backend='reference').eval().fuse()
+    model = EfficientViT('m4', attn_backend='module').eval().fuse()
     # stem 3, every FFN (2 per block, 2 per downsample) 16, PatchMerging 2 x 2, SE fc1 2
     assert sum(isinstance(m, ConvReLU) for m in model.modules()) == 3 + 16 + 4 + 2
     assert not any(isinstance(m, torch.nn.ReLU) for name, m in model.named_modules()
@@ -162,7 +162,7 @@ def test_fuse_merges_every_conv_relu_pair():
 
 
 def test_norm_eval_freezes_bn_statistics():
-    model = randomize_(EfficientViT('m0', norm_eval=True, attn_backend='reference'))
+    model = randomize_(EfficientViT('m0', norm_eval=True, attn_backend='module'))
     model.train()
     stats = {k: v.clone() for k, v in model.state_dict().items() if 'running' in k}
     model(torch.randn(2, 3, 64, 64)).__getitem__(0).sum().backward()
@@ -170,7 +170,7 @@ def test_norm_eval_freezes_bn_statistics():
         if 'running' in k:
             torch.testing.assert_close(v, stats[k], msg=k)
     # without norm_eval the statistics move
-    model = randomize_(EfficientViT('m0', norm_eval=False, attn_backend='reference')).train()
+    model = randomize_(EfficientViT('m0', norm_eval=False, attn_backend='module')).train()
     model(torch.randn(2, 3, 64, 64))
     assert not torch.equal(model.patch_embed.conv1.bn.running_mean,
                            stats['patch_embed.conv1.bn.running_mean'])
@@ -178,7 +178,7 @@ def test_norm_eval_freezes_bn_statistics():
 
 @pytest.mark.parametrize('frozen', [0, 1, 2])
 def test_frozen_stages_get_no_gradient(frozen):
-    model = randomize_(EfficientViT('m0', frozen_stages=frozen, attn_backend='reference')).train()
+    model = randomize_(EfficientViT('m0', frozen_stages=frozen, attn_backend='module')).train()
     sum(o.sum() for o in model(torch.randn(1, 3, 64, 64))).backward()
     frozen_mods = [model.patch_embed, *model.stages[:frozen]]
     for m in frozen_mods:
@@ -192,7 +192,7 @@ def test_with_cp_gives_same_gradients():
     x = torch.randn(2, 3, 96, 80)
     grads = []
     for with_cp in (False, True):
-        model = randomize_(EfficientViT('m0', with_cp=with_cp, attn_backend='reference')).train()
+        model = randomize_(EfficientViT('m0', with_cp=with_cp, attn_backend='module')).train()
         inp = x.clone().requires_grad_()
         sum((o ** 2).mean() for o in model(inp)).backward()
         grads.append([inp.grad] + [p.grad for p in model.parameters()])

@@ -34,7 +34,7 @@ SETTINGS = dict(deadline=None, derandomize=True, print_blob=True,
 @pytest.fixture(scope='module')
 def m0():
     torch.manual_seed(0)
-    model = EfficientViT('m0', out_indices=(0, 1, 2, 3, 4), attn_backend='reference').eval()
+    model = EfficientViT('m0', out_indices=(0, 1, 2, 3, 4), attn_backend='module').eval()
     return model
 
 

@@ -258,7 +258,7 @@ def _detector():
                                std=[58.395, 57.12, 57.375], bgr_to_rgb=True,
                                pad_size_divisor=32),
         backbone=dict(type='EfficientViT', arch='m0', out_indices=(2, 3, 4),
-                      attn_backend='reference'),
+                      attn_backend='module'),
         neck=dict(type='EfficientViTFPN', in_channels=dims, out_channels=32, start_level=0,
                   num_outs=5, num_extra_trans_convs=1, add_extra_convs='on_input'),
         bbox_head=dict(
