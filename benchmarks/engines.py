@@ -338,6 +338,10 @@ def render(payload: Dict[str, Any]) -> str:
         lines.append(f"int8: calibrated on {payload['calibration']}; float groups: "
                      f"{', '.join(q['keep_float']) or 'none'}; int8 nodes: "
                      f"{', '.join(f'{n} {t}' for t, n in sorted(q['quantized_nodes'].items()))}")
+    if payload['weights'].startswith('random'):
+        lines.append('recall / precision: with random weights many detections nearly tie, so '
+                     'even float rounding (the fp32 rows) reorders them; judge accuracy on '
+                     'trained weights with tools/test_onnx.py')
     if not payload['vnni'] and any(r['row'] in INT8_ROWS for r in payload['results']):
         lines.append('note: this CPU has no VNNI, so the int8 rows run int8 dot products '
                      'emulated with AVX2 (vpmaddubsw); int8 speed on a VNNI CPU cannot be '

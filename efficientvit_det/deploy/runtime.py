@@ -104,6 +104,7 @@ def _openvino_runner(path: str, threads: Optional[int], hint: str) -> GraphRunne
     inputs = [p.get_any_name() for p in compiled.inputs]
     outputs = [p.get_any_name() for p in compiled.outputs]
     chosen = compiled.get_property('INFERENCE_PRECISION_HINT')
+    chosen = chosen.get_type_name() if hasattr(chosen, 'get_type_name') else str(chosen)
 
     def run(feed):
         result = request.infer(feed)
