@@ -73,5 +73,7 @@ setup(
     cmdclass=cmdclass,
     python_requires='>=3.9',
     install_requires=['torch>=2.0', 'mmengine>=0.10', 'mmdet>=3.0,<3.4', 'timm>=1.0'],
+    # optional engine for exported graphs (tools/onnx_infer.py --engine openvino, docs/deploy.md)
+    extras_require={'openvino': ['openvino>=2026.4']},
     license='MIT',
 )

@@ -33,9 +33,9 @@ The TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``) is use
   outcome does not depend on the input size are silenced as well; :func:`verify_onnx`
   is the guard that the trace is right.
 
-The fused attention op (``efficientvit_det.ops``) is not in the graph: during export
-``LocalWindowAttention.use_fused_op()`` is False, so the attention runs the plain PyTorch window
-path (pad, partition into 7x7 windows, cascaded group attention, reverse, crop), which maps to
+The fused attention op (``efficientvit_det.ops``) is not in the graph: while tracing or exporting,
+``efficientvit_det.ops.plan_attention`` picks the backbone's module path, so the attention runs
+the plain PyTorch window path (pad, partition into 7x7 windows, cascaded group attention, reverse, crop), which maps to
 standard ONNX ops.
 """
 from __future__ import annotations
