@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from efficientvit_det.datasets.robust_loading import ImageLoadError, RobustLoadImageFromFile
 from efficientvit_det.archs import ARCH_SETTINGS
+from efficientvit_det.datasets.robust_loading import ImageLoadError, RobustLoadImageFromFile
 from efficientvit_det.models.backbones.efficientvit import EfficientViT
 
 SETTINGS = dict(deadline=None, derandomize=True, print_blob=True,
