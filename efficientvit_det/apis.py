@@ -44,6 +44,7 @@ from efficientvit_det.checkpoint.detector import (
     load_detector_checkpoint,
 )
 from efficientvit_det.cli import Progress, UserInputError, known_warnings_silenced, quiet_console
+from efficientvit_det.datasets.image_files import IMG_EXTENSIONS, images_in_folder
 from efficientvit_det.deploy import deploy_model, detections_entry
 from efficientvit_det.inference import PRECISIONS, prepare_inference
 
@@ -54,7 +55,6 @@ __all__ = ['load_config', 'init_detector', 'build_detector', 'load_detector_chec
            'check_pretrained_backbone', 'resume_checkpoint', 'finished_training',
            'use_robust_test_loading', 'DeviceUnavailableError', 'IMG_EXTENSIONS']
 
-IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 ConfigLike = Union[str, os.PathLike, Config]
 
 
@@ -372,8 +372,7 @@ def collect_images(inputs: Sequence[str]) -> List[str]:
     files: List[str] = []
     for item in inputs:
         if osp.isdir(item):
-            found = sorted(osp.join(item, f) for f in os.listdir(item)
-                           if f.lower().endswith(IMG_EXTENSIONS))
+            found = images_in_folder(item)
             if not found:
                 raise FileNotFoundError(f'no images ({", ".join(IMG_EXTENSIONS)}) in {item}')
             files.extend(found)

@@ -428,7 +428,7 @@ class _GroundTruth:
 def test_evaluation_scores_the_test_split_like_tools_test(setup, float_graph):
     """Oracle: ground truth scores AP 1.0 through the same data path; the float graph's
     detections equal the PyTorch model's image by image, so their COCO metrics are equal."""
-    from efficientvit_det.deploy.evaluate import TorchDetector, evaluate_detectors
+    from efficientvit_det.inference.evaluate import TorchDetector, evaluate_detectors
     cfg_path, ckpt, _, _ = setup
     cfg = load_config(cfg_path)
     torch_det = TorchDetector(init_detector(cfg, ckpt), 'fp32')

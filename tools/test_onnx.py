@@ -69,8 +69,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from efficientvit_det.apis import init_detector, load_config
     from efficientvit_det.cpu import cpu_info
-    from efficientvit_det.deploy.evaluate import TorchDetector, evaluate_detectors
     from efficientvit_det.deploy.runtime import GraphDetector, require_engine
+    from efficientvit_det.inference.evaluate import TorchDetector, evaluate_detectors
     require_engine(args.engine)
     if args.max_images is not None and args.max_images < 1:
         raise UserInputError(f'--max-images must be >= 1, got {args.max_images}')

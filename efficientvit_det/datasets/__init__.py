@@ -1,4 +1,6 @@
-"""Datasets shipped with efficientvit_det: the built-in synthetic detection set.
+"""Data: the built-in synthetic detection set (re-exported here), the robust image loader
+(:mod:`.robust_loading`), COCO annotation checks (:mod:`.coco_checks`) and which files count
+as images (:mod:`.image_files`).
 
 ``python -m efficientvit_det.datasets.synthetic --out data/synthetic`` writes it; see
 :mod:`efficientvit_det.datasets.synthetic`.  Names are imported lazily so that running the

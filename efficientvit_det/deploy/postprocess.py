@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .onnx_export import HEAD_OUTPUT_GROUPS
 
-__all__ = ['build_bbox_head', 'class_names', 'detections_entry', 'onnx_detect', 'postprocess',
+__all__ = ['build_bbox_head', 'class_names', 'detections_entry', 'postprocess',
            'preprocess_images']
 
 
@@ -139,25 +139,3 @@ def class_names(cfg, metadata: Mapping[str, Any]) -> List[str]:
     from mmdet.registry import DATASETS
     dataset_type = DATASETS.get(dataset.type)
     return list(getattr(dataset_type, 'METAINFO', {}).get('classes', ()))
-
-
-def onnx_detect(cfg, onnx_file: str, images: Sequence[str], score_thr: float = 0.3,
-                batch_size: int = 1, threads: Optional[int] = None,
-                engine: str = 'ort') -> List[dict]:
-    """Detections of an exported detector graph (raw-head or end-to-end, float or int8) run by
-    ``engine`` (``ort`` | ``openvino``: :class:`efficientvit_det.deploy.runtime.GraphDetector`);
-    one :func:`detections_entry` per image. An end-to-end graph runs one image at a time."""
-    from .runtime import GraphDetector
-
-    detector = GraphDetector(cfg, onnx_file, engine, threads)
-    names = class_names(cfg, detector.metadata)
-    entries = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        inputs, samples = preprocess_images(cfg, chunk)
-        results = detector.predict(inputs, samples)
-        for path, sample, res in zip(chunk, samples, results):
-            h, w = sample.metainfo['ori_shape'][:2]
-            entries.append(detections_entry(path, w, h, res.bboxes.tolist(), res.scores.tolist(),
-                                            res.labels.tolist(), names, score_thr))
-    return entries

@@ -136,9 +136,8 @@ def calibration_images(cfg, source: str = 'train', num_images: int = 32) -> List
     if not osp.isdir(source):
         raise CalibrationError(f'calibration set not found: {source} is neither a split of the '
                                f'config ({", ".join(CALIB_SPLITS)}) nor a folder of images')
-    from efficientvit_det.apis import IMG_EXTENSIONS
-    files = sorted(osp.join(source, f) for f in os.listdir(source)
-                   if f.lower().endswith(IMG_EXTENSIONS))
+    from efficientvit_det.datasets.image_files import IMG_EXTENSIONS, images_in_folder
+    files = images_in_folder(source)
     if not files:
         raise CalibrationError(f'calibration set: no images ({", ".join(IMG_EXTENSIONS)}) in '
                                f'{source}')

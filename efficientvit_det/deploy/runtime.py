@@ -9,6 +9,8 @@
   in original-image pixels, as ``model.predict(rescale=True)`` gives. The raw graph is
   post-processed by mmdet's own ``predict_by_feat``; the end-to-end graph has it inside.
 
+* :func:`onnx_detect`: detections of a graph on image files (``tools/onnx_infer.py``).
+
 ``tools/onnx_infer.py``, ``tools/test_onnx.py`` (evaluation) and ``python -m benchmarks
 engines`` all run graphs through these, so what is timed is what is evaluated.
 """
@@ -22,7 +24,7 @@ import numpy as np
 from efficientvit_det.cli import UserInputError
 
 __all__ = ['ENGINES', 'GraphRunner', 'GraphDetector', 'EngineUnavailableError', 'load_graph',
-           'openvino_available', 'openvino_version', 'require_engine']
+           'onnx_detect', 'openvino_available', 'openvino_version', 'require_engine']
 
 ENGINES = ('ort', 'openvino')
 OPENVINO_HINTS = ('default', 'f32', 'bf16', 'f16')
@@ -215,3 +217,25 @@ def _end2end_feed(x: np.ndarray, meta: dict) -> Dict[str, np.ndarray]:
     return {'input': x,
             'img_shape': np.asarray([float(v) for v in meta['img_shape'][:2]], np.float32),
             'scale_factor': np.asarray([float(v) for v in meta['scale_factor'][:2]], np.float32)}
+
+
+def onnx_detect(cfg, onnx_file: str, images: Sequence[str], score_thr: float = 0.3,
+                batch_size: int = 1, threads: Optional[int] = None,
+                engine: str = 'ort') -> List[dict]:
+    """Detections of an exported detector graph (raw-head or end-to-end, float or int8) run by
+    ``engine`` (``ort`` | ``openvino``: :class:`GraphDetector`);
+    one :func:`detections_entry` per image. An end-to-end graph runs one image at a time."""
+    from .postprocess import class_names, detections_entry, preprocess_images
+
+    detector = GraphDetector(cfg, onnx_file, engine, threads)
+    names = class_names(cfg, detector.metadata)
+    entries = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        inputs, samples = preprocess_images(cfg, chunk)
+        results = detector.predict(inputs, samples)
+        for path, sample, res in zip(chunk, samples, results):
+            h, w = sample.metainfo['ori_shape'][:2]
+            entries.append(detections_entry(path, w, h, res.bboxes.tolist(), res.scores.tolist(),
+                                            res.labels.tolist(), names, score_thr))
+    return entries

@@ -1,6 +1,7 @@
-"""Training-time robustness: NaN/inf stop, skipped-image counts, mid-epoch exact resume; deploy
-mode and inference precision in the test loop (``InferenceOptimizationHook``); mixed-precision
-training on CPUs and GPUs (``CpuAmpOptimWrapper``, ``configure_amp``)."""
+"""mmengine runner pieces: training-time robustness (NaN/inf stop, skipped-image counts,
+mid-epoch exact resume), mixed precision on CPUs and GPUs (``CpuAmpOptimWrapper``,
+``configure_amp``), deploy mode and precision in the test loop (``InferenceOptimizationHook``),
+the progress line and the labelled-detections visualizer."""
 from .amp import CpuAmpOptimWrapper, configure_amp
 from .hooks import NonFiniteLossError, NonFiniteLossHook, SkippedImagesHook, find_robust_loaders
 from .inference_hook import InferenceOptimizationHook

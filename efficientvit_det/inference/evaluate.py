@@ -1,12 +1,12 @@
 """COCO evaluation of exported graphs and of the PyTorch model, side by side, on the same data.
 
 :func:`evaluate_detectors` runs the config's test dataloader once; every batch goes through the
-config's ``DetDataPreprocessor`` and then through each detector (a :class:`GraphDetector`:
-an ONNX graph, float or int8, raw-head or end-to-end, on onnxruntime or OpenVINO; or a
-:class:`TorchDetector`: the PyTorch model in its inference form), and each one's predictions go
-to its own copy of the config's ``test_evaluator`` (mmdet's ``CocoMetric``): the metric and the
-data pipeline ``tools/test.py`` uses, so the accuracy cost of a graph is one command
-(``tools/test_onnx.py``).
+config's ``DetDataPreprocessor`` and then through each detector (a
+:class:`efficientvit_det.deploy.runtime.GraphDetector`: an ONNX graph, float or int8, raw-head
+or end-to-end, on onnxruntime or OpenVINO; or a :class:`TorchDetector`: the PyTorch model in its
+inference form), and each one's predictions go to its own copy of the config's
+``test_evaluator`` (mmdet's ``CocoMetric``): the metric and the data pipeline ``tools/test.py``
+uses, so the accuracy cost of a graph is one command (``tools/test_onnx.py``).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class TorchDetector:
     (:func:`efficientvit_det.inference.prepare_inference`: deploy mode, ``precision``)."""
 
     def __init__(self, model: nn.Module, precision: str = 'fp32', deploy: bool = True):
-        from efficientvit_det.inference import prepare_inference
+        from .form import prepare_inference
         self.model = model.eval()
         self.choice = prepare_inference(model, precision, deploy, log=False)
         self.precision = self.choice.name
