@@ -34,7 +34,7 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -235,6 +235,21 @@ def _is_constant(name: str, producer, constant) -> bool:
     return True
 
 
+def _walk_up(producer, constant, tensors: Iterable[str],
+             stop: Callable[[Any], bool] = lambda node: False) -> Iterator[Any]:
+    """The nodes producing ``tensors`` and, breadth first, their producers (each node once,
+    constants not followed); the inputs of a node for which ``stop`` is true are not followed."""
+    seen, todo = set(), deque(tensors)
+    while todo:
+        node = producer.get(todo.popleft())
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
+        if not stop(node):
+            todo.extend(i for i in node.input if i not in constant)
+
+
 def keep_float_nodes(model, groups: Sequence[str]) -> Dict[str, List[str]]:
     """``{group: [node names]}`` of the nodes each group of :data:`KEEP_FLOAT_GROUPS` keeps in
     float, found by the graph's structure:
@@ -275,19 +290,10 @@ def keep_float_nodes(model, groups: Sequence[str]) -> Dict[str, List[str]]:
                 n.op_type == 'MatMul'
                 and not any(_is_constant(i, producer, constant) for i in n.input))]
     if 'head_out' in groups:
-        found, seen = [], set()
-        todo = deque(o.name for o in graph.output)
-        while todo:
-            t = todo.popleft()
-            node = producer.get(t)
-            if node is None or id(node) in seen:
-                continue
-            seen.add(id(node))
-            if node.op_type in _COMPUTE_OPS:
-                found.append(node.name)
-            else:
-                todo.extend(i for i in node.input if i not in constant)
-        out['head_out'] = found
+        # the first compute nodes met walking up from the outputs: the heads' last convs
+        out['head_out'] = [n.name for n in _walk_up(producer, constant, (o.name for o in graph.output),
+                                                      stop=lambda n: n.op_type in _COMPUTE_OPS)
+                           if n.op_type in _COMPUTE_OPS]
     if 'norm' in groups:
         out['norm'] = [n.name for n in graph.node if n.op_type in (
             'InstanceNormalization', 'LayerNormalization', 'GroupNormalization')]
@@ -300,18 +306,8 @@ def _network_nodes(model) -> List[str]:
     graph = model.graph
     producer, _, constant = _graph_index(graph)
     last = set(keep_float_nodes(model, ['head_out'])['head_out'])
-    names, seen = [], set()
-    todo = deque(i for n in graph.node if n.name in last for i in n.input)
-    names.extend(last)
-    while todo:
-        t = todo.popleft()
-        node = producer.get(t)
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        names.append(node.name)
-        todo.extend(i for i in node.input if i not in constant)
-    return names
+    start = (i for n in graph.node if n.name in last for i in n.input)
+    return list(last) + [n.name for n in _walk_up(producer, constant, start)]
 
 
 # --------------------------------------------------------------------------------------------
