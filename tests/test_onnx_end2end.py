@@ -172,7 +172,9 @@ def test_unsupported_head_is_refused(tmp_path):
         DetectorEnd2End(init_detector(cfg_path))
 
 
-_STANDALONE_RUNNER = '''
+# tools/onnx_detect_standalone.py with torch, mmdet, mmcv, mmengine and efficientvit_det
+# blocked: argv = TOOLS_DIR GRAPH OUT_JSON IMAGE...; also used by test_onnx_int8.py
+STANDALONE_RUNNER = '''
 import json, sys
 import numpy as np
 for name in ("torch", "mmdet", "mmcv", "mmengine", "efficientvit_det"):
@@ -204,7 +206,7 @@ def test_standalone_onnxruntime_only_equals_mmdet(setup, exported, tmp_path):
     onnx_file = exported[0]
     env = dict(os.environ, OMP_NUM_THREADS='1')
     dets_json = tmp_path / 'dets.json'
-    r = subprocess.run([PY, '-c', _STANDALONE_RUNNER, TOOLS, str(onnx_file), str(dets_json),
+    r = subprocess.run([PY, '-c', STANDALONE_RUNNER, TOOLS, str(onnx_file), str(dets_json),
                         *images], cwd=str(tmp_path), env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]

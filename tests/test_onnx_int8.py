@@ -32,6 +32,7 @@ import onnx
 import pytest
 import torch
 from _workflow_common import ROOT, make_dataset, write_tiny_config
+from test_onnx_end2end import STANDALONE_RUNNER
 from test_onnx_export import randomize_well_conditioned_
 
 from efficientvit_det.apis import init_detector, load_config
@@ -303,25 +304,7 @@ def test_detection_agreement_can_fail():
 # --------------------------------------------------------------------------------------------
 # end-to-end int8 graph, run by onnxruntime alone
 # --------------------------------------------------------------------------------------------
-_STANDALONE = '''
-import json, sys
-import numpy as np
-for name in ("torch", "mmdet", "mmcv", "mmengine", "efficientvit_det"):
-    sys.modules[name] = None  # importing any of them now raises ImportError
-sys.path.insert(0, sys.argv[1])
-import onnx_detect_standalone as s
-import onnxruntime as ort
-import cv2
-session = ort.InferenceSession(sys.argv[2], providers=["CPUExecutionProvider"])
-spec = s.read_metadata(session)["preprocess"]
-out = {}
-for path in sys.argv[4:]:
-    img = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
-    boxes, scores, labels = s.detect(session, spec, img)
-    out[path] = dict(boxes=boxes.tolist(), scores=scores.tolist(), labels=labels.tolist())
-with open(sys.argv[3], "w") as f:
-    json.dump(out, f)
-'''
+
 
 
 def test_int8_end2end_runs_in_onnxruntime_alone(setup, tmp_path):
@@ -346,7 +329,7 @@ def test_int8_end2end_runs_in_onnxruntime_alone(setup, tmp_path):
     float_convs = [n for n in convs if producer.get(n.input[1]) != 'DequantizeLinear']
     assert len(float_convs) == 2 * LEVELS, [n.name for n in float_convs]
     dets_json = tmp_path / 'dets.json'
-    r = subprocess.run([PY, '-c', _STANDALONE, TOOLS, str(out), str(dets_json), *val],
+    r = subprocess.run([PY, '-c', STANDALONE_RUNNER, TOOLS, str(out), str(dets_json), *val],
                        cwd=str(tmp_path), env=dict(os.environ, OMP_NUM_THREADS='1'),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
