@@ -58,8 +58,9 @@ SKIP = [
     (r'\bdist_(train|test)\.sh\b|\bslurm_train\.sh\b|\btorchrun\b',
      'starts several processes (GPUs or CPU DDP); tests/test_workflow_ddp.py runs CPU DDP'),
     (r'-m pytest\b', 'the test suite itself'),
-    (r'-m benchmarks\b', 'benchmarks take minutes; tests/test_benchmark_tools.py runs each '
-                         'in a small form'),
+    (r'-m benchmarks\b|benchmarks/run_all\.sh', 'benchmarks take minutes; '
+                                               'tests/test_benchmark_tools.py runs each in a '
+                                               'small form'),
     (r'tools/demo\.py', 'the demo: 6 minutes on 2 cores (make demo)'),
     (r'triton_compile_check\.py|gpu_validate\.py', 'compiles or runs GPU kernels (minutes, '
                                                    'or needs a GPU)'),
