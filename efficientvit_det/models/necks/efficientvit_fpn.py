@@ -101,7 +101,8 @@ class EfficientViTFPN(FPN):
         used = len(laterals)
         outs = [self.fpn_convs[i](laterals[i]) for i in range(used)]
         if self.num_outs > used and not self.add_extra_convs:
-            outs += [F.max_pool2d(outs[-1], 1, stride=2) for _ in range(self.num_outs - used)]
+            for _ in range(self.num_outs - used):  # each pools the one before (mmdet's FPN)
+                outs.append(F.max_pool2d(outs[-1], 1, stride=2))
         elif self.num_outs > used:
             source = {'on_input': lambda: inputs[self.backbone_end_level - 1],
                       'on_lateral': lambda: laterals[-1],
