@@ -62,8 +62,9 @@ def install_safe_globals() -> None:
     add(safe_globals())
 
 
-class UnsafeCheckpointError(RuntimeError):
-    """The checkpoint's pickle asks for objects outside the weights-only allow-list."""
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """The checkpoint's pickle asks for objects outside the weights-only allow-list (an
+    ``UnpicklingError``, as ``torch.load`` raises, so callers that catch that still do)."""
 
 
 def load_checkpoint_file(path: str, map_location: str = 'cpu') -> Any:
