@@ -71,6 +71,7 @@ from benchmarks.common import (
     setup_from_args,
     time_interleaved,
 )
+from efficientvit_det.cli import quiet_console
 from efficientvit_det.cpu import cpu_info
 from efficientvit_det.inference import Precision, prepare_inference, resolve_precision
 from efficientvit_det.testing import calibrate_bn_, max_rel_err, randomize_
@@ -129,6 +130,7 @@ def build_model(spec: str, device: torch.device, seed: int = 0, calib_hw=(320, 4
     if train:
         model = build_detector_from_config(base, 'cpu', attn_backend=attn, cfg_options=opts)
         torch.manual_seed(seed)
+        quiet_console()  # init_weights logs one INFO block per parameter (thousands of lines)
         model.init_weights()
         model.train()
     else:

@@ -93,10 +93,13 @@ def test_detector_end_to_end_and_parts(tmp_path):
     assert by_model['m4+deploy']['head_outputs_max_rel_err'] < 1e-4
 
 
-def test_train_step_time_and_memory(tmp_path):
+def test_train_step_time_and_memory(tmp_path, capfd):
     out = tmp_path / 'train.json'
     detector.main_train(['--models', 'm4', 'm4+module', '--batch', '1', '--shape', '64', '64',
                          '--memory-steps', '1', '--json', str(out), *TINY])
+    printed = capfd.readouterr()
+    # the table, not mmengine's per-parameter init_weights log (it printed thousands of lines)
+    assert 'init_weights' not in printed.out + printed.err and '| model' in printed.out
     d = load(out)
     assert d['benchmark'] == 'train-step' and d['all_losses_finite']
     for r in d['results']:
